@@ -1,0 +1,114 @@
+"""The one module that owns NIfTI: read returns array + geometry, write inverts it exactly.
+
+Axis order is the file's voxel order, untouched: (X, Y, Z) for a frame or mask, (X, Y, Z, T)
+for a cine. No reorientation happens here (see cine.prep for the canonical grid).
+Geometry is the voxel-to-world affine (mm), the voxel spacing (mm) and the frame duration (ms).
+Every problem raises cine.DataError naming the file.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+
+from cine import DataError
+
+_TIME_TO_MS = {"sec": 1000.0, "msec": 1.0, "usec": 1e-3}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    affine: np.ndarray          # (4, 4) float64, voxel -> world (mm)
+    spacing: tuple              # (sx, sy, sz) mm
+    frame_ms: Optional[float]   # one frame's duration, None when unknown or 3D
+
+    def __eq__(self, other):
+        return (isinstance(other, Geometry) and np.allclose(self.affine, other.affine, atol=1e-4)
+                and np.allclose(self.spacing, other.spacing, atol=1e-4) and self.frame_ms == other.frame_ms)
+
+    @staticmethod
+    def from_spacing(spacing, frame_ms=None, origin=(0.0, 0.0, 0.0)) -> "Geometry":
+        """An axis-aligned geometry (for generated data): diagonal affine with the given spacing."""
+        affine = np.diag([float(s) for s in spacing] + [1.0])
+        affine[:3, 3] = origin
+        return Geometry(affine, tuple(float(s) for s in spacing), frame_ms)
+
+
+def read(path, ndim=None, kind="image"):
+    """Read a NIfTI file -> (array, Geometry). kind "image": float32, finite; "mask": uint8 labels.
+
+    ndim: 3 or 4 to insist on a frame or a cine (a trailing singleton time axis is dropped for 3).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for truncated / foreign files
+        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if ndim == 3 and data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if ndim is not None and data.ndim != ndim:
+        what = {3: "a 3D frame (X, Y, Z)", 4: "a 4D cine (X, Y, Z, T)"}[ndim]
+        raise DataError(path, f"expected {what}, found {data.ndim}D data of shape {tuple(data.shape)}")
+    zooms = img.header.get_zooms()
+    spacing = tuple(float(z) for z in zooms[:3])
+    if any(not np.isfinite(s) or s <= 0 for s in spacing):
+        raise DataError(path, f"invalid voxel spacing {spacing}")
+    frame_ms = None
+    if data.ndim == 4 and len(zooms) > 3 and zooms[3] > 0:
+        unit = img.header.get_xyzt_units()[1]
+        frame_ms = float(zooms[3]) * _TIME_TO_MS.get(unit, 1000.0 if zooms[3] < 10 else 1.0)
+    geom = Geometry(np.asarray(img.affine, dtype=np.float64), spacing, frame_ms)
+    if kind == "mask":
+        if not np.issubdtype(data.dtype, np.integer):
+            if not np.all(np.isfinite(data)) or np.any(data != np.round(data)):
+                raise DataError(path, "mask holds non-integer values")
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise DataError(path, f"mask values outside 0-255 (min {data.min()}, max {data.max()})")
+        return np.asarray(data, dtype=np.uint8), geom
+    data = np.asarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(data)):
+        raise DataError(path, f"image contains {int(np.sum(~np.isfinite(data)))} NaN or infinite intensities")
+    return data, geom
+
+
+def write(path, array, geometry: Geometry, kind="image"):
+    """Write atomically (temp file + rename): a reader never sees a half-written file.
+
+    kind "image": stored as float32 (int16 when the values are integers); "mask": uint8.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(array)
+    if kind == "mask":
+        array = array.astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.integer):
+        array = array.astype(np.int16)
+    else:
+        array = array.astype(np.float32)
+    img = nib.Nifti1Image(array, geometry.affine)
+    hdr = img.header
+    zooms = list(geometry.spacing)
+    if array.ndim == 4:
+        zooms.append(float(geometry.frame_ms) if geometry.frame_ms else 1.0)
+    hdr.set_zooms(zooms[:array.ndim])
+    hdr.set_xyzt_units("mm", "msec")
+    img.set_qform(geometry.affine, code=1)
+    img.set_sform(geometry.affine, code=1)
+    if kind == "mask":
+        hdr["intent_name"] = b"labels"
+    name = path.name
+    tmp = path.with_name(f".tmp{os.getpid()}_{name}")
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

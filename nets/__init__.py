@@ -1,0 +1,1 @@
+"""Torch modules and diffusion math. Knows nothing of files, paths or NIfTI."""

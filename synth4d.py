@@ -1,0 +1,236 @@
+"""synth4d: controllable 4D cine cardiac MRI synthesis with paired segmentation masks.
+
+The command-line interface. Each command parses its options, calls one library function and
+prints the result: data (paths, JSON) to stdout, logs and progress bars to stderr.
+A user mistake ends with a one-line error and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cine import DataError, UserError
+
+__version__ = "0.1.0"
+PRESET_NAMES = ("tiny", "cpu", "paper")
+DATA = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def _echo_json(obj):
+    click.echo(json.dumps(obj, indent=None, default=str))
+
+
+def _common_train(f):
+    """Options every training stage shares."""
+    opts = [
+        click.option("--preset", type=click.Choice(PRESET_NAMES), default="cpu", show_default=True,
+                     help="Network and grid sizes (tiny: tests; cpu: this tool's default; paper: published, GPU)."),
+        click.option("--steps", type=click.IntRange(min=1), default=None, help="Training steps [preset default]."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [preset default]."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate [preset default]."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
+        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, initialisation and batches."),
+        click.option("--skip-bad", is_flag=True, help="Skip subjects whose files are unusable (listed on stderr) instead of stopping."),
+        click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Folder for prepared arrays [~/.cache/synth4d]."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="synth4d")
+def cli():
+    """Synthesise 4D (3D + time) cine cardiac MRI with paired segmentation masks,
+    controlled by diagnosis, ventricular volumes and ejection fraction.
+
+    \b
+    Typical use:
+      synth4d phantom data/ --n 200          # a built-in 4D phantom data set (ACDC layout)
+      synth4d info data/                     # what the loader sees
+      synth4d train-vae data/                # stage 1: image + mask VAE
+      synth4d train-static data/             # stage 2: end-diastolic anatomy
+      synth4d train-motion data/             # stage 3: motion over the cycle
+      synth4d generate --dx HCM --n 50 out/  # 4D image + mask NIfTI + manifest
+      synth4d eval data/ out/                # FVD-style distance, controllability, coherence
+    """
+
+
+@cli.command()
+@click.argument("data", type=DATA)
+@click.option("--json", "as_json", is_flag=True, help="Print the report, per subject, as JSON on stdout.")
+@click.option("--skip-bad", is_flag=True, help="List unusable subjects instead of stopping at the first.")
+def info(data, as_json, skip_bad):
+    """Summarise the data set in DATA: layout, subjects, diagnoses, labelled frames, geometry, volumes."""
+    from cine.datasets import format_info, info_report
+    report = info_report(data, skip_bad=skip_bad)
+    if as_json:
+        _echo_json(report)
+    else:
+        click.echo(format_info(report))
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True, help="Number of subjects.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Makes the data set reproducible.")
+@click.option("--dx", type=click.Choice(("NOR", "DCM", "HCM", "MINF", "RV", "mixed")), default="mixed", show_default=True,
+              help="Diagnosis of every subject, or an even mix of all five.")
+@click.option("--vendor", default="mixed", show_default=True,
+              help="Acquisition style (see `synth4d phantom --help` output for names), or mixed.")
+@click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT.")
+def phantom(out, n, seed, dx, vendor, overwrite):
+    """Write a 4D cardiac phantom data set to OUT in ACDC layout.
+
+    Each subject has Info.cfg, the 4D cine, ED/ES frames with their masks, and (for evaluation
+    only) a full-cycle mask patientNNN_4d_gt.nii.gz that training never reads.
+    Vendors: see cine.phantom.VENDORS (A, B, C, D).
+    """
+    from cine.phantom import write_phantom
+    for path in write_phantom(out, n=n, seed=seed, dx=dx, vendor=vendor, overwrite=overwrite):
+        click.echo(path)
+
+
+@cli.command("train-vae")
+@click.argument("data", type=DATA)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/vae"), show_default=True,
+              help="Run folder: vae.safetensors, resume state, split, log.")
+@_common_train
+@click.option("--eval-every", type=click.IntRange(min=1), default=500, show_default=True, help="Held-out evaluation interval (steps).")
+def train_vae(data, out, **kw):
+    """Stage 1: train the semi-supervised image + mask VAE on DATA."""
+    from train.vae import train_vae as run
+    click.echo(run(data, out, **kw))
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
+              help="vae.safetensors [the shipped default].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print measures as JSON lines on stdout.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+def segment(image, out, weights, device, as_json, overwrite):
+    """Segment a 4D cine (a NIfTI file, or a folder of them) with the VAE's mask head.
+
+    Writes the full-cycle 4D mask on the input's own grid, and reports the LV/RV volume curve,
+    LVEDV, LVESV and LVEF.
+    """
+    from train.segment import segment as run
+    for row in run(image, out, weights=weights, device=device, overwrite=overwrite):
+        _echo_json(row) if as_json else click.echo(row["mask"])
+
+
+def _train_ldm(stage):
+    @click.argument("data", type=DATA)
+    @click.option("--vae", "vae_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                  help="vae.safetensors [runs/vae/vae.safetensors].")
+    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(f"runs/{stage}"), show_default=True)
+    @_common_train
+    def command(data, vae_path, out, **kw):
+        import importlib
+        run = getattr(importlib.import_module(f"train.{stage}"), f"train_{stage}")
+        click.echo(run(data, vae_path or Path("runs/vae/vae.safetensors"), out, **kw))
+    return command
+
+
+cli.command("train-static", help="Stage 2: train the static LDM (end-diastolic anatomy) on DATA's encoded ED frames.")(
+    _train_ldm("static"))
+cli.command("train-motion", help="Stage 3: train the motion LDM (residual latents over the cycle) on DATA.")(
+    _train_ldm("motion"))
+
+
+PRIORS = (("lvedv", "LV end-diastolic volume (mL)"), ("lvesv", "LV end-systolic volume (mL)"),
+          ("lvef", "LV ejection fraction (%)"), ("rvedv", "RV end-diastolic volume (mL)"),
+          ("rvesv", "RV end-systolic volume (mL)"), ("rvef", "RV ejection fraction (%)"),
+          ("lv_mass", "LV myocardial mass (g)"))
+
+
+def _prior_options(f):
+    for name, text in reversed(PRIORS):
+        f = click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
+                         help=f"{text}; drawn from the diagnosis prior if not given.")(f)
+    return f
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dx", default=None, help="Diagnosis: NOR, DCM, HCM, MINF, RV (those the weights know) [drawn from the training mix].")
+@click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of subjects.")
+@_prior_options
+@click.option("--conditions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV, one subject per row: any of dx, lvedv, lvesv, lvef, rvedv, rvesv, rvef, lv_mass, frames.")
+@click.option("--frames", type=click.IntRange(min=2, max=200), default=30, show_default=True, help="Frames per cardiac cycle.")
+@click.option("--slices", type=click.IntRange(min=1), default=None, help="Short-axis slices [drawn from the prior].")
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="DDIM steps per model.")
+@click.option("--guidance", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Base seed; subject i uses a seed derived from it and i.")
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder with vae/static/motion .safetensors [the shipped weights].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--layout", type=click.Choice(("flat", "acdc")), default="flat", show_default=True,
+              help="flat: OUT/subj_NNN_image.nii.gz + _mask; acdc: a data set the loader reads back.")
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="Index of the first subject (regenerate one alone).")
+@click.option("--json", "as_json", is_flag=True, help="Manifest rows as JSON lines on stdout instead of paths.")
+@click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT (default: skip complete ones).")
+def generate(out, **kw):
+    """Generate synthetic 4D cine subjects (image + mask NIfTI) and a manifest in OUT."""
+    from train.generate import generate as run
+    as_json = kw.pop("as_json")
+    for row in run(out, **kw):
+        if as_json:
+            _echo_json(row)
+        else:
+            for p in row["files"]:
+                click.echo(p)
+
+
+@cli.command("eval")
+@click.argument("real", type=DATA, required=False)
+@click.argument("generated", type=DATA, required=False)
+@click.option("--fvd", is_flag=True, help="Fréchet video distance (I3D with --i3d, else fvd_vae).")
+@click.option("--control", is_flag=True, help="Requested vs measured priors and diagnosis consistency.")
+@click.option("--coherence", is_flag=True, help="Temporal coherence of volume curves, images and mask topology.")
+@click.option("--recon", is_flag=True, help="VAE reconstruction on REAL: PSNR, SSIM, Dice, HD95.")
+@click.option("--i3d", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="I3D weights (PyTorch state dict or TorchScript export) for true FVD.")
+@click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Folder with vae.safetensors [the shipped weights].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout.")
+def evaluate(real, generated, **kw):
+    """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply."""
+    from train.evaluate import evaluate as run, format_table
+    as_json = kw.pop("as_json")
+    result = run(real, generated, **kw)
+    click.echo(format_table(result), err=True)
+    if as_json:
+        _echo_json(result)
+
+
+def main():
+    """Console entry point: user errors become one line on stderr and exit status 1."""
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("synth4d: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (DataError, UserError) as e:
+        click.echo(f"synth4d: error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("synth4d: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

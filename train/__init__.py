@@ -1,0 +1,1 @@
+"""One file per training stage plus the shared loop pieces."""
