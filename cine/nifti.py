@@ -28,7 +28,9 @@ class Geometry:
 
     def __eq__(self, other):
         return (isinstance(other, Geometry) and np.allclose(self.affine, other.affine, atol=1e-4)
-                and np.allclose(self.spacing, other.spacing, atol=1e-4) and self.frame_ms == other.frame_ms)
+                and np.allclose(self.spacing, other.spacing, atol=1e-4)
+                and (self.frame_ms == other.frame_ms or (self.frame_ms is not None and other.frame_ms is not None
+                                                         and abs(self.frame_ms - other.frame_ms) < 1e-3)))
 
     @staticmethod
     def from_spacing(spacing, frame_ms=None, origin=(0.0, 0.0, 0.0)) -> "Geometry":
