@@ -1,0 +1,424 @@
+"""Data set layouts (ACDC, M&Ms, plain folder + CSV), auto-detected, each giving SubjectRefs.
+
+Axis vocabulary: a cine image is (X, Y, Z, T), a frame mask (X, Y, Z), a mask over the cycle
+(X, Y, Z, T); labels inside the tool are ACDC's (0 background, 1 RV, 2 MYO, 3 LV); frame
+indices are 0-based (ACDC's Info.cfg and frame file names are 1-based and converted here).
+
+`scan` is cheap: it reads Info.cfg / CSV files and NIfTI headers (nibabel loads lazily), and
+checks every header-level fact (4D where 4D is expected, image/mask shape and geometry,
+ED/ES in range). Voxel data is read by SubjectRef.load(), which checks labels and intensities.
+The one exception is a plain folder without CSV, where finding ED and ES needs the masks.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from cine import DIAGNOSES, DataError, nifti
+from cine.measures import clinical_measures, volumes
+from cine.subject import Subject, SubjectRef
+
+AFFINE_TOL_MM = 1e-3
+_MNMS_TO_ACDC = np.array([0, 3, 2, 1], dtype=np.uint8)  # M&Ms 1 LV, 2 MYO, 3 RV -> ACDC 1 RV, 2 MYO, 3 LV
+_DX_ALIASES = {"ARV": "RV"}  # M&Ms abnormal right ventricle is ACDC's RV group
+_NO_DX = {"", "NA", "NAN", "NONE", "UNKNOWN"}
+_DERIVED = re.compile(r"(_gt|_mask|_frame\d+)$")  # masks and single frames, not 4D cines
+_MEASURES = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass")
+
+
+@dataclass
+class Dataset:
+    """What scan found: the layout, the usable subjects sorted by id, and the skipped files."""
+
+    layout: str                  # "acdc", "mnms" or "folder"
+    root: Path
+    refs: list                   # list[SubjectRef], sorted by id
+    problems: list = field(default_factory=list)  # [(path, reason)] of skipped subjects
+
+
+def scan(root, skip_bad=False) -> Dataset:
+    """Detect the layout of root and list its subjects without reading any image data.
+
+    The first unusable subject raises cine.DataError; with skip_bad it is recorded in problems.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "not a folder")
+    layout, builders = _detect(root)
+    refs, problems = [], []
+    for build in builders:
+        try:
+            refs.append(build())
+        except DataError as e:
+            if not skip_bad:
+                raise
+            problems.append((e.path, e.message))
+    if not refs:
+        path, reason = problems[0]
+        raise DataError(root, f"no usable subject ({len(problems)} skipped; first: {path}: {reason})")
+    return Dataset(layout, root, sorted(refs, key=lambda r: r.id), problems)
+
+
+def _detect(root: Path):
+    """(layout, [builder() -> SubjectRef, one per candidate subject])."""
+    patients = sorted(d for base in (root, root / "training", root / "testing") if base.is_dir()
+                      for d in base.iterdir() if d.is_dir() and re.fullmatch(r"patient\d+", d.name))
+    if patients:
+        return "acdc", [partial(_acdc_ref, d) for d in patients]
+    tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv"))}
+    cines = sorted(root.rglob("*_sa.nii.gz"))
+    if cines:  # M&Ms: the information CSV (e.g. 211230_M&Ms_Dataset_information_diagnosis_opendataset.csv)
+        info = next((p for p, (columns, _) in tables.items() if "external_code" in columns), None)
+        if info is None:
+            raise DataError(root, "M&Ms images found but no information CSV (a CSV with an 'External code' column)")
+        rows = _by_key(tables[info][1], "external_code")
+        return "mnms", [partial(_mnms_ref, p, root, rows, info) for p in cines]
+    images = sorted(p for p in root.iterdir() if p.is_file() and _is_nifti(p) and not _DERIVED.search(_stem(p)))
+    if images:
+        keyed = {p: "subject" if "subject" in columns else "id"
+                 for p, (columns, _) in tables.items() if {"subject", "id"} & set(columns)}
+        if len(keyed) > 1:
+            raise DataError(root, f"several CSV files with a subject column ({', '.join(p.name for p in keyed)}); keep one")
+        table, key = next(iter(keyed.items()), (None, None))
+        rows = _by_key(tables[table][1], key) if table else {}
+        return "folder", [partial(_folder_ref, p, rows, table) for p in images]
+    raise DataError(root, "no subjects found (expected ACDC patientNNN/ folders, M&Ms <code>/<code>_sa.nii.gz "
+                          "with an information CSV, or 4D NIfTI files)")
+
+
+# ---- one subject per layout -------------------------------------------------------------
+
+def _acdc_ref(folder: Path) -> SubjectRef:
+    sid, cfg_path = folder.name, folder / "Info.cfg"
+    cfg = _read_cfg(cfg_path)
+    image = folder / f"{sid}_4d.nii.gz"
+    shape, affine = _peek(image, 4)
+    n = shape[3]
+    if "nbframe" in cfg and _number(cfg_path, "NbFrame", cfg["nbframe"], int) != n:
+        raise DataError(cfg_path, f"NbFrame {cfg['nbframe']} but {image.name} has {n} frames")
+    ed = _frame(cfg_path, "ED", cfg.get("ed"), n, base=1)
+    es = _frame(cfg_path, "ES", cfg.get("es"), n, base=1)
+    dx = cfg.get("group", "").upper() or None
+    if dx is not None and dx not in DIAGNOSES:
+        raise DataError(cfg_path, f"unknown Group '{cfg['group']}' (expected one of {', '.join(DIAGNOSES)})")
+    meta = {k: v for k, v in cfg.items() if k not in ("ed", "es", "group", "nbframe", "height", "weight")}
+    meta.update(_numbers(cfg_path, cfg, ("height", "weight")))
+    frame_masks = _frame_masks(folder, sid, shape, affine)
+    full = folder / f"{sid}_4d_gt.nii.gz"
+    files = {"image": str(image), "info": str(cfg_path)}
+    if full.exists():
+        _check_match(full, _peek(full, 4), shape, affine)
+        files["full_mask"] = str(full)
+    return _ref(sid, "acdc", files, ed, es, dx, meta, frame_masks=frame_masks, full_mask=files.get("full_mask"))
+
+
+def _mnms_ref(image: Path, root: Path, rows: dict, csv_path: Path) -> SubjectRef:
+    sid = image.name[: -len("_sa.nii.gz")]
+    if sid not in rows:
+        raise DataError(image, f"no row for '{sid}' in {csv_path.name}")
+    row = rows[sid]
+    shape, affine = _peek(image, 4)
+    ed = _frame(csv_path, f"{sid}: ED", row.get("ed"), shape[3], base=0)
+    es = _frame(csv_path, f"{sid}: ES", row.get("es"), shape[3], base=0)
+    meta = {k: row[c] for k, c in (("vendor", "vendor"), ("vendor_name", "vendorname"), ("centre", "centre"),
+                                   ("sex", "sex")) if row.get(c)}
+    meta.update(_numbers(csv_path, row, ("age", "height", "weight"), prefix=f"{sid}: "))
+    meta["split"] = image.parent.parent.relative_to(root).as_posix()
+    files = {"image": str(image), "info": str(csv_path)}
+    gt = image.with_name(f"{sid}_sa_gt.nii.gz")
+    if gt.exists():
+        _check_match(gt, _peek(gt, 4), shape, affine)
+        files["mask"] = str(gt)
+    return _ref(sid, "mnms", files, ed, es, _dx(row.get("pathology")), meta, mask4d=files.get("mask"), mnms_labels=True)
+
+
+def _folder_ref(image: Path, rows: dict, csv_path: Optional[Path]) -> SubjectRef:
+    sid = _stem(image)
+    shape, affine = _peek(image, 4)
+    n = shape[3]
+    files = {"image": str(image)}
+    mask4d = next((p for suffix in ("_gt", "_mask") for ext in (".nii.gz", ".nii")
+                   if (p := image.with_name(sid + suffix + ext)).exists()), None)
+    if mask4d is not None:
+        _check_match(mask4d, _peek(mask4d, 4), shape, affine)
+        files["mask"] = str(mask4d)
+    frame_masks = _frame_masks(image.parent, sid, shape, affine)
+    ed, es, dx, meta = 0, None, None, {}
+    if sid in rows:
+        row, files["info"] = rows[sid], str(csv_path)
+        ed = _frame(csv_path, f"{sid}: ed", row.get("ed"), n, base=0, required=False) or 0
+        es = _frame(csv_path, f"{sid}: es", row.get("es"), n, base=0, required=False)
+        dx = _dx(row.get("dx"))
+        meta = {k: v for k, v in row.items() if v and k not in ("subject", "id", "dx", "ed", "es")}
+        meta.update(_numbers(csv_path, row, ("height", "weight"), prefix=f"{sid}: "))
+    else:
+        ed, es = _ed_es_from_masks(files.get("mask"), frame_masks, ed, es)
+    return _ref(sid, "folder", files, ed, es, dx, meta, frame_masks=frame_masks, mask4d=files.get("mask"))
+
+
+def _ed_es_from_masks(mask4d, frame_masks, ed, es):
+    """With masks at exactly two frames, ED is the one with the larger LV cavity, ES the other."""
+    if mask4d:
+        m = _labels(mask4d, nifti.read(mask4d, ndim=4, kind="mask")[0])
+        frames = {t: m[..., t] for t in _labelled_frames(m)}
+    elif len(frame_masks) == 2:
+        frames = {t: _labels(p, nifti.read(p, ndim=3, kind="mask")[0]) for t, p in frame_masks.items()}
+    else:
+        return ed, es
+    if len(frames) != 2:
+        return ed, es
+    first, second = sorted(frames)
+    lv = {t: volumes(frames[t], (1, 1, 1))["lv"] for t in frames}
+    return (first, second) if lv[first] >= lv[second] else (second, first)
+
+
+def _ref(sid, layout, files, ed, es, dx, meta, **masks) -> SubjectRef:
+    files.update({f"mask_frame{t + 1:02d}": p for t, p in masks.get("frame_masks", {}).items()})  # 1-based, as on disk
+    loader = _Loader(sid, files["image"], ed, es, dx, meta, **masks)
+    return SubjectRef(sid, layout, files["image"], ed, es, dx, meta, files, loader)
+
+
+# ---- reading a subject --------------------------------------------------------------------
+
+@dataclass
+class _Loader:
+    """Reads one subject's files into a Subject; a plain dataclass so data-loader workers can pickle it."""
+
+    id: str
+    image: str
+    ed: int
+    es: Optional[int]
+    dx: Optional[str]
+    meta: dict
+    frame_masks: dict = field(default_factory=dict)  # 0-based frame -> (X, Y, Z) mask file
+    mask4d: Optional[str] = None                      # (X, Y, Z, T) labels at some frames, zero elsewhere
+    full_mask: Optional[str] = None                   # (X, Y, Z, T) labels at every frame, evaluation only
+    mnms_labels: bool = False
+
+    def __call__(self) -> Subject:
+        image, geom = nifti.read(self.image, ndim=4)
+        masks = {t: _labels(p, nifti.read(p, ndim=3, kind="mask")[0], self.mnms_labels)
+                 for t, p in self.frame_masks.items()}
+        if self.mask4d:
+            m = _labels(self.mask4d, nifti.read(self.mask4d, ndim=4, kind="mask")[0], self.mnms_labels)
+            masks.update({t: np.ascontiguousarray(m[..., t]) for t in _labelled_frames(m)})
+        full = _labels(self.full_mask, nifti.read(self.full_mask, ndim=4, kind="mask")[0]) if self.full_mask else None
+        return Subject(self.id, image, geom.affine, geom.spacing, geom.frame_ms, dict(sorted(masks.items())),
+                       self.ed, self.es, self.dx, dict(self.meta), full, self.image)
+
+
+def _labels(path, mask: np.ndarray, mnms=False) -> np.ndarray:
+    if mask.size and mask.max() > 3:
+        unknown = [int(v) for v in np.unique(mask) if v > 3]
+        names = "1 LV, 2 MYO, 3 RV (M&Ms)" if mnms else "1 RV, 2 MYO, 3 LV"
+        raise DataError(path, f"unknown label values {unknown} (expected 0 background, {names})")
+    return _MNMS_TO_ACDC[mask] if mnms else mask
+
+
+def _labelled_frames(mask4d: np.ndarray) -> list:
+    return [int(t) for t in np.flatnonzero(mask4d.reshape(-1, mask4d.shape[3]).any(axis=0))]  # (X*Y*Z, T) -> (T,)
+
+
+# ---- headers and metadata files -----------------------------------------------------------
+
+def _peek(path: Path, ndim: int):
+    """(shape, affine) from the NIfTI header alone: nib.load reads no voxel data."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # nibabel raises many types for foreign or truncated headers
+        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__})") from None
+    if ndim == 3 and len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != ndim:
+        what = {3: "a 3D frame (X, Y, Z)", 4: "a 4D cine (X, Y, Z, T)"}[ndim]
+        raise DataError(path, f"expected {what}, found {len(shape)}D data of shape {shape}")
+    return shape, affine
+
+
+def _check_match(path, peeked, shape, affine):
+    """A mask must lie on its image's voxel grid: same (X, Y, Z[, T]) and the same affine."""
+    mshape, maffine = peeked
+    if mshape != shape[: len(mshape)]:
+        raise DataError(path, f"mask shape {mshape} does not match the image shape {shape[: len(mshape)]}")
+    diff = float(np.abs(maffine - affine).max())
+    if diff > AFFINE_TOL_MM:
+        raise DataError(path, f"mask geometry (affine) differs from the image's by up to {diff:.4g} mm")
+
+
+def _frame_masks(folder: Path, sid: str, shape, affine) -> dict:
+    """0-based frame -> path of every <sid>_frameFF_gt.nii[.gz] (FF 1-based), checked against the image."""
+    found = {}
+    for p in sorted(folder.glob(f"{sid}_frame*_gt.nii*")):
+        m = re.fullmatch(rf"{re.escape(sid)}_frame(\d+)_gt\.nii(\.gz)?", p.name)
+        if m:
+            t = _frame(p, "frame number in the file name", m.group(1), shape[3], base=1)
+            _check_match(p, _peek(p, 3), shape, affine)
+            found[t] = str(p)
+    return found
+
+
+def _read_cfg(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(path, "missing Info.cfg")
+    cfg = {}
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            key, sep, value = line.partition(":")
+            if not sep:
+                raise DataError(path, f"line {i} is not 'Key: value': {line.strip()[:60]!r}")
+            cfg[key.strip().lower()] = value.strip()
+    return cfg
+
+
+def _read_csv(path: Path):
+    """(columns, rows as dicts); column names lower-case with spaces as underscores ("External code")."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's byte-order mark
+        reader = csv.reader(f)
+        columns = [re.sub(r"\s+", "_", c.strip().lower()) for c in next(reader, [])]
+        return columns, [{c: v.strip() for c, v in zip(columns, values) if c} for values in reader]
+
+
+def _by_key(rows, key) -> dict:
+    return {row[key]: row for row in rows if row.get(key)}
+
+
+def _number(path, name, value, kind=float):
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise DataError(path, f"{name} {value!r} is not a number") from None
+    if not np.isfinite(x) or (kind is int and x != round(x)):
+        raise DataError(path, f"{name} {value!r} is not a {'whole' if kind is int else 'finite'} number")
+    return kind(x)
+
+
+def _numbers(path, row: dict, keys, prefix="") -> dict:
+    """Those of the fields keys that row fills, as numbers (a malformed one is an error)."""
+    return {k: _number(path, prefix + k, row[k]) for k in keys if row.get(k)}
+
+
+def _frame(path, name, value, n_frames, base, required=True) -> Optional[int]:
+    """A frame number from a metadata field (1-based when base is 1), as a checked 0-based index."""
+    if value in (None, ""):
+        if required:
+            raise DataError(path, f"missing {name}")
+        return None
+    t = _number(path, name, value, int) - base
+    if not 0 <= t < n_frames:
+        first = "1-based" if base else "0-based"
+        raise DataError(path, f"{name} {value} is out of range for {n_frames} frames ({first})")
+    return t
+
+
+def _dx(value) -> Optional[str]:
+    code = (value or "").strip().upper()
+    return None if code in _NO_DX else _DX_ALIASES.get(code, code)
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.endswith((".nii.gz", ".nii"))
+
+
+def _stem(p: Path) -> str:
+    return p.name[: -len(".nii.gz")] if p.name.endswith(".nii.gz") else p.name[: -len(".nii")]
+
+
+# ---- the `synth4d info` report ------------------------------------------------------------
+
+def info_report(root, skip_bad=False) -> dict:
+    """What the loader sees in root, as a JSON-serialisable dict; reads one subject at a time."""
+    ds = scan(root, skip_bad=skip_bad)
+    problems, subjects = list(ds.problems), []
+    for ref in tqdm(ds.refs, desc="reading subjects", unit="subject", file=sys.stderr, leave=False):
+        try:
+            s = ref.load()
+        except DataError as e:
+            if not skip_bad:
+                raise
+            problems.append((e.path, e.message))
+            continue
+        both = s.es is not None and s.ed in s.masks and s.es in s.masks
+        measures = clinical_measures(s.masks[s.ed], s.masks[s.es], s.spacing) if both else None
+        subjects.append({"id": s.id, "dx": s.dx, "ed": s.ed, "es": s.es, "frames": s.n_frames,
+                         "shape": list(s.image.shape), "spacing": [round(x, 4) for x in s.spacing],
+                         "labelled_frames": sorted(s.masks), "vendor": s.meta.get("vendor"),
+                         "measures": measures and {k: _json_float(v) for k, v in measures.items()}})
+    if not subjects:
+        raise DataError(root, f"no readable subject ({len(problems)} skipped)")
+    return {
+        "layout": ds.layout, "root": str(ds.root), "n_subjects": len(subjects),
+        "diagnoses": dict(Counter(s["dx"] or "unknown" for s in subjects)),
+        "labelled_frames": sum(len(s["labelled_frames"]) for s in subjects),
+        "subjects_without_labels": sum(not s["labelled_frames"] for s in subjects),
+        "ranges": _ranges(subjects), "volumes": _volume_stats(subjects),
+        "problems": [{"path": str(p), "reason": r} for p, r in problems], "subjects": subjects,
+    }
+
+
+def _ranges(subjects) -> dict:
+    spacing = np.array([s["spacing"] for s in subjects])  # (subjects, 3)
+    shape = np.array([s["shape"] for s in subjects])      # (subjects, 4): X, Y, Z, T
+    columns = {"spacing_x": spacing[:, 0], "spacing_y": spacing[:, 1], "spacing_z": spacing[:, 2],
+               "size_x": shape[:, 0], "size_y": shape[:, 1], "slices": shape[:, 2], "frames": shape[:, 3]}
+    return {k: [v.min().item(), v.max().item()] for k, v in columns.items()}
+
+
+def _volume_stats(subjects) -> dict:
+    """Per diagnosis (and 'all'): n, and mean and sample sd of every measure over the measured subjects."""
+    groups = {}
+    for s in subjects:
+        if s["measures"]:
+            for g in (s["dx"] or "unknown", "all"):
+                groups.setdefault(g, []).append(s["measures"])
+    stats = {}
+    for g, rows in groups.items():
+        stats[g] = {"n": len(rows)}
+        for k in _MEASURES:
+            x = np.array([r[k] for r in rows if r[k] is not None], dtype=np.float64)
+            stats[g][k] = {"mean": _json_float(x.mean()) if x.size else None,
+                           "sd": _json_float(x.std(ddof=1)) if x.size > 1 else None}
+    return stats
+
+
+def _json_float(x) -> Optional[float]:
+    return round(float(x), 2) if np.isfinite(x) else None
+
+
+def format_info(report: dict) -> str:
+    """A readable summary of info_report: counts, geometry ranges, volumes per diagnosis, unusable files."""
+    r = report
+    lines = [f"layout     {r['layout']}  ({r['root']})",
+             f"subjects   {r['n_subjects']}  ({r['n_subjects'] - r['subjects_without_labels']} labelled, "
+             f"{r['subjects_without_labels']} without labels; {r['labelled_frames']} labelled frames)",
+             "diagnoses  " + "  ".join(f"{dx} {n}" for dx, n in sorted(r["diagnoses"].items())), "",
+             f"{'geometry':<12}{'min':>8}{'max':>8}"]
+    lines += [f"{k:<12}{lo:>8g}{hi:>8g}" for k, (lo, hi) in r["ranges"].items()]
+    if r["volumes"]:
+        head = ["dx", "n"] + [k.upper().replace("_", " ") for k in _MEASURES]
+        table = [[g, str(v["n"])] + [_mean_sd(v[k]) for k in _MEASURES] for g, v in r["volumes"].items()]
+        widths = [max(len(row[i]) for row in [head] + table) for i in range(len(head))]
+        lines += ["", "measured from ED/ES masks, mean ± sd (volumes mL, EF %, mass g)"]
+        lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                  for row in [head] + table]
+    if r["problems"]:
+        lines += ["", f"unusable files ({len(r['problems'])}):"] + [f"  {p['path']}: {p['reason']}" for p in r["problems"]]
+    return "\n".join(lines)
+
+
+def _mean_sd(stat) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean']:.1f}" + (f" ± {stat['sd']:.1f}" if stat["sd"] is not None else "")

@@ -1,0 +1,122 @@
+"""Clinical priors: the per-diagnosis joint distribution of the measures, and request checks.
+
+Generation may be asked for any subset of the priors; the rest are drawn from a Gaussian
+fitted per diagnosis to the log of the training subjects' measures, conditioned on the
+values given (so an asked-for large LVEDV brings a large RVEDV and mass with it).
+The fitted prior is plain JSON so it travels in a checkpoint's metadata.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cine import UserError
+
+# Drawn jointly, in log space. EFs follow from EDV and ESV.
+FIELDS = ("lvedv", "lvesv", "rvedv", "rvesv", "lv_mass", "slices", "slice_mm", "rr_ms")
+REQUESTABLE = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass", "slices")
+
+
+def fit_priors(records, shrink=4.0):
+    """records: dicts with dx and FIELDS -> {"dx": {name: {n, mean, cov, lo, hi}}, "all": {...}}.
+
+    Each diagnosis' covariance is shrunk towards the pooled one by n / (n + shrink), so a group
+    with few subjects still gets a usable, positive-definite covariance.
+    """
+    rows = [r for r in records if all(np.isfinite(r.get(f, np.nan)) and r.get(f, 0) > 0 for f in FIELDS)]
+    if len(rows) < 2:
+        raise UserError(f"need at least 2 subjects with ED and ES masks to fit priors, found {len(rows)}")
+    x_all = np.log([[r[f] for f in FIELDS] for r in rows])            # (N, F)
+    pooled = _fit(x_all, None)
+    out = {"fields": list(FIELDS), "all": pooled, "dx": {}}
+    for dx in sorted({str(r.get("dx")) for r in rows if r.get("dx")}):
+        x = x_all[[str(r.get("dx")) == dx for r in rows]]
+        out["dx"][dx] = _fit(x, pooled, shrink)
+    return out
+
+
+def _fit(x, pooled, shrink=4.0):
+    n = len(x)
+    mean = x.mean(0)
+    cov = np.cov(x, rowvar=False) if n > 1 else np.zeros((x.shape[1], x.shape[1]))
+    if pooled is not None:
+        w = n / (n + shrink)
+        cov = w * cov + (1 - w) * np.asarray(pooled["cov"])
+    cov = cov + np.eye(len(mean)) * 1e-6
+    return {"n": n, "mean": mean.tolist(), "cov": cov.tolist(),
+            "lo": np.exp(x.min(0)).tolist(), "hi": np.exp(x.max(0)).tolist()}
+
+
+def check_request(req, dx_vocab=None):
+    """Refuse impossible requests before any work. req: name -> value (None = not given)."""
+    dx = req.get("dx")
+    if dx is not None and dx_vocab is not None and dx not in dx_vocab:
+        raise UserError(f"unknown diagnosis {dx!r}; these weights know {', '.join(dx_vocab)}")
+    for k in REQUESTABLE:
+        v = req.get(k)
+        if v is None:
+            continue
+        if not math.isfinite(v) or v <= 0:
+            raise UserError(f"{k} must be a positive number, got {v}")
+        if k in ("lvef", "rvef") and not 0 < v < 100:
+            raise UserError(f"{k} must be between 0 and 100 %, got {v}")
+    for side in ("lv", "rv"):
+        edv, esv, ef = req.get(f"{side}edv"), req.get(f"{side}esv"), req.get(f"{side}ef")
+        if edv is not None and esv is not None:
+            if esv >= edv:
+                raise UserError(f"{side}esv ({esv}) must be smaller than {side}edv ({edv})")
+            if ef is not None and abs(100 * (edv - esv) / edv - ef) > 1.0:
+                raise UserError(f"{side}edv, {side}esv and {side}ef disagree: (EDV-ESV)/EDV = "
+                                f"{100 * (edv - esv) / edv:.1f} %, not {ef} %")
+
+
+def draw(priors, req, rng):
+    """Complete a request: every FIELD filled, EFs derived. req: name -> value or None; dx may be None.
+
+    Values given are kept exactly; the others are drawn from the diagnosis' Gaussian conditioned
+    on them (in log space), re-drawn (at most 50 times) until ESV < EDV on both sides.
+    """
+    dx = req.get("dx")
+    if dx is None:
+        names = sorted(priors["dx"])
+        n = np.array([priors["dx"][d]["n"] for d in names], dtype=float)
+        dx = names[rng.choice(len(names), p=n / n.sum())] if names else None
+    p = priors["dx"].get(dx, priors["all"]) if dx else priors["all"]
+    fields = priors["fields"]
+    mean, cov = np.asarray(p["mean"]), np.asarray(p["cov"])
+    for _ in range(50):
+        known = {f: req[f] for f in fields if req.get(f) is not None}
+        for side in ("lv", "rv"):  # an EF with one volume fixes the other volume
+            edv, esv, ef = req.get(f"{side}edv"), req.get(f"{side}esv"), req.get(f"{side}ef")
+            if ef is not None and edv is not None and esv is None:
+                known[f"{side}esv"] = edv * (1 - ef / 100)
+            elif ef is not None and esv is not None and edv is None:
+                known[f"{side}edv"] = esv / (1 - ef / 100)
+        idx_b = [i for i, f in enumerate(fields) if f in known]
+        idx_a = [i for i, f in enumerate(fields) if f not in known]
+        x = np.empty(len(fields))
+        if idx_b:
+            x[idx_b] = np.log([known[fields[i]] for i in idx_b])
+        if idx_a:
+            mu_a, s_aa = mean[idx_a], cov[np.ix_(idx_a, idx_a)]
+            if idx_b:  # Gaussian conditioning: mu_a + S_ab S_bb^-1 (x_b - mu_b)
+                k = cov[np.ix_(idx_a, idx_b)] @ np.linalg.inv(cov[np.ix_(idx_b, idx_b)])
+                mu_a = mu_a + k @ (x[idx_b] - mean[idx_b])
+                s_aa = s_aa - k @ cov[np.ix_(idx_b, idx_a)]
+            x[idx_a] = rng.multivariate_normal(mu_a, (s_aa + s_aa.T) / 2, method="eigh")
+        for side in ("lv", "rv"):  # an EF alone: draw the EDV, derive the ESV from the asked EF
+            ef = req.get(f"{side}ef")
+            if ef is not None and f"{side}edv" not in known and f"{side}esv" not in known:
+                x[fields.index(f"{side}esv")] = x[fields.index(f"{side}edv")] + math.log(1 - ef / 100)
+        out = {**dict(zip(fields, np.exp(x).tolist())), **known}  # given values exactly, not exp(log(v))
+        if out["lvesv"] < out["lvedv"] and out["rvesv"] < out["rvedv"]:
+            break
+    else:
+        raise UserError(f"could not draw priors consistent with the request {req}")
+    lo, hi = p["lo"][fields.index("slices")], p["hi"][fields.index("slices")]
+    out["slices"] = int(round(min(max(out["slices"], lo), hi)))
+    out["lvef"] = 100 * (out["lvedv"] - out["lvesv"]) / out["lvedv"]
+    out["rvef"] = 100 * (out["rvedv"] - out["rvesv"]) / out["rvedv"]
+    out["dx"] = dx
+    return out

@@ -1,0 +1,159 @@
+"""Noise schedules, forward noising, training losses and the DDIM sampler with classifier-free guidance.
+
+Axis vocabulary: tensors are (B, C, X, Y, Z) (any trailing shape works); t is (B,) long, an index
+into the schedule, 0 the least noisy. Names follow the papers: betas, alphas_cumprod, x_t, x0_pred,
+eps, v. All functions are pure; the network is passed in as `model_fn(x_t, t, cond) -> output`.
+
+References:
+    DDPM   Ho, Jain & Abbeel 2020, "Denoising Diffusion Probabilistic Models"
+    DDIM   Song, Meng & Ermon 2021, "Denoising Diffusion Implicit Models"
+    cosine Nichol & Dhariwal 2021, "Improved Denoising Diffusion Probabilistic Models"
+    v      Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models"
+    CFG    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"
+    minSNR Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"
+    steps  Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """A discrete noise schedule; float64 so that 1 - alphas_cumprod keeps its precision near t = 0."""
+
+    betas: torch.Tensor            # (n_steps,) float64
+    alphas_cumprod: torch.Tensor   # (n_steps,) float64
+    n_steps: int
+
+
+def make_schedule(kind: str = "cosine", n_steps: int = 1000) -> Schedule:
+    if kind == "linear":            # DDPM Sec. 4
+        betas = torch.linspace(1e-4, 0.02, n_steps, dtype=torch.float64)
+    elif kind == "scaled_linear":   # the Stable Diffusion schedule: linear in sqrt(beta)
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, n_steps, dtype=torch.float64) ** 2
+    elif kind == "cosine":          # Nichol & Dhariwal Eq. 17; betas clipped at 0.999 against the singularity at t = T
+        s = 0.008
+        f = torch.cos((torch.arange(n_steps + 1, dtype=torch.float64) / n_steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or scaled_linear")
+    return Schedule(betas, torch.cumprod(1 - betas, dim=0), n_steps)
+
+
+def _at(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] as `like`'s dtype and device, shaped (B, 1, 1, ...) to broadcast over it."""
+    out = values[t.long().cpu()].to(device=like.device, dtype=like.dtype)
+    return out.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, sched: Schedule) -> torch.Tensor:
+    abar = _at(sched.alphas_cumprod, t, x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * eps  # DDPM Eq. 4
+
+
+def v_target(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, sched: Schedule) -> torch.Tensor:
+    abar = _at(sched.alphas_cumprod, t, x0)
+    return abar.sqrt() * eps - (1 - abar).sqrt() * x0  # Salimans & Ho Sec. 4: v = alpha eps - sigma x
+
+
+def pred_to_x0_eps(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, sched: Schedule, pred: str = "eps"):
+    """The network output read as eps or v -> (x0_pred, eps)."""
+    abar = _at(sched.alphas_cumprod, t, x_t)
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    if pred == "eps":
+        return (x_t - s * out) / a, out                 # DDPM Eq. 4 solved for x0
+    if pred == "v":
+        return a * x_t - s * out, s * x_t + a * out     # Salimans & Ho Sec. 4: x = alpha z - sigma v
+    raise ValueError(f"unknown prediction {pred!r}; choose eps or v")
+
+
+def diffusion_loss(model_out, x0, eps, t, sched: Schedule, pred: str = "v", weighting: str = "none",
+                   gamma: float = 5.0) -> torch.Tensor:
+    """Per-sample (B,) mean squared error against the eps or v target, optionally min-SNR-gamma weighted."""
+    if pred not in ("eps", "v"):
+        raise ValueError(f"unknown prediction {pred!r}; choose eps or v")
+    target = eps if pred == "eps" else v_target(x0, eps, t, sched)
+    mse = (model_out - target).float().square().flatten(1).mean(1)  # (B,)
+    if weighting == "none":
+        return mse
+    if weighting != "min_snr":
+        raise ValueError(f"unknown weighting {weighting!r}; choose none or min_snr")
+    abar = sched.alphas_cumprod[t.long().cpu()]
+    snr = abar / (1 - abar)
+    # Hang et al. Eq. 7 gives min(SNR, gamma) as a weight on the x0 error; the eps error is SNR times,
+    # and the v error SNR + 1 times, the x0 error (squared), hence the division.
+    weight = snr.clamp(max=gamma) / (snr if pred == "eps" else snr + 1)
+    return mse * weight.to(device=mse.device, dtype=mse.dtype)
+
+
+def sample_timesteps(B: int, sched: Schedule, generator: torch.Generator | None = None,
+                     device=None) -> torch.Tensor:
+    """Uniform training timesteps (B,) long; on the generator's device unless `device` is given."""
+    device = device if device is not None else (generator.device if generator is not None else "cpu")
+    return torch.randint(0, sched.n_steps, (B,), generator=generator, device=device)
+
+
+def timestep_buckets(t: torch.Tensor, sched: Schedule, n: int = 4) -> torch.Tensor:
+    """(B,) long in [0, n): which equal slice of [0, n_steps) each timestep falls in, for per-bucket loss logs."""
+    return (t.long() * n) // sched.n_steps
+
+
+def ddim_timesteps(sched: Schedule, steps: int) -> list[int]:
+    """'Trailing' spacing (Lin et al. Table 2): descending from n_steps - 1, so the first step sees the noisiest
+    level, the one pure noise x_T stands for; 'leading' spacing would start at, e.g., 960 of 1000."""
+    if not 1 <= steps <= sched.n_steps:
+        raise ValueError(f"steps must be in [1, {sched.n_steps}], got {steps}")
+    return [round(sched.n_steps - i * sched.n_steps / steps) - 1 for i in range(steps)]
+
+
+def _cat_cond(cond, uncond):
+    """Concatenate two condition dicts (or tensors) along the batch axis, tensor by tensor."""
+    if isinstance(cond, dict):
+        return {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    return torch.cat([cond, uncond])
+
+
+@torch.no_grad()
+def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, eta: float = 0.0,
+                guidance: float = 1.0, cond=None, uncond=None, pred: str = "v",
+                generator: torch.Generator | None = None, callback=None, clip_x0: float | None = None):
+    """DDIM (Song et al. Eq. 12) from caller-supplied noise x_T to x0, with classifier-free guidance.
+
+    model_fn(x_t, t, cond) -> eps or v (per `pred`); t is (B,) long. guidance == 1 runs the conditional
+    branch only; otherwise cond and uncond go through ONE batched forward. eta > 0 draws its noise
+    from `generator`, so a seed reproduces the sample. clip_x0 clamps x0_pred to [-clip_x0, clip_x0].
+    callback(i, n) is called after each of the n steps.
+    """
+    if guidance != 1.0 and uncond is None:
+        raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
+    timesteps = ddim_timesteps(sched, steps)
+    x = x_T
+    B = x.shape[0]
+    for i, step in enumerate(timesteps):
+        t = torch.full((B,), step, dtype=torch.long, device=x.device)
+        if guidance == 1.0:
+            out = model_fn(x, t, cond)
+        else:
+            out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
+            out = out_uncond + guidance * (out_cond - out_uncond)  # Ho & Salimans Eq. 6 (w + 1 = guidance)
+        x0_pred, eps = pred_to_x0_eps(x, t, out, sched, pred)
+        if clip_x0 is not None:
+            x0_pred = x0_pred.clamp(-clip_x0, clip_x0)
+            abar = _at(sched.alphas_cumprod, t, x)
+            eps = (x - abar.sqrt() * x0_pred) / (1 - abar).sqrt()  # the eps consistent with the clipped x0
+        abar_t = float(sched.alphas_cumprod[step])
+        abar_prev = float(sched.alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
+        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))  # DDIM Eq. 16
+        dir_x_t = math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps  # DDIM Eq. 12, "direction pointing to x_t"
+        x = math.sqrt(abar_prev) * x0_pred + dir_x_t                         # DDIM Eq. 12
+        if sigma > 0:
+            # Drawn on the generator's device, so a CPU generator reproduces the same sample on any device.
+            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+            x = x + sigma * z.to(device=x.device, dtype=x.dtype)
+        if callback is not None:
+            callback(i, len(timesteps))
+    return x

@@ -1,0 +1,101 @@
+"""Building blocks shared by the VAE and the UNet denoiser.
+
+Axis vocabulary: tensors are (B, C, X, Y, Z) — batch, channels, in-plane X and Y, slice Z.
+N = X * Y * Z positions, H attention heads, D = C // H channels per head.
+Resampling factors are per axis (X, Y, Z), so the coarse slice axis can be left alone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def zero_module(m: nn.Module) -> nn.Module:
+    """Zero every parameter of `m`, so a residual branch ending in it starts as the identity."""
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+def norm(ch: int) -> nn.GroupNorm:
+    """GroupNorm whose group count divides `ch`: 32 groups for wide layers, at most 8 for narrow ones."""
+    return nn.GroupNorm(math.gcd(ch, 32 if ch >= 64 else 8), ch)
+
+
+def conv3(in_ch: int, out_ch: int, stride=1) -> nn.Conv3d:
+    return nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1)
+
+
+class ResBlock(nn.Module):
+    """Residual block GroupNorm-SiLU-Conv x2, with optional scale/shift modulation by an embedding.
+
+    With emb_dim > 0 the embedding (B, emb_dim) sets a per-channel scale and shift after the
+    second norm (adaptive GroupNorm, as in guided-diffusion's `use_scale_shift_norm`).
+    The second conv is zero-initialised, so the block starts as its skip path.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = norm(in_ch)
+        self.conv1 = conv3(in_ch, out_ch)
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch)) if emb_dim > 0 else None
+        self.norm2 = norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(conv3(out_ch, out_ch))
+        self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.norm2(h)
+        if self.emb is not None:
+            scale, shift = self.emb(emb)[:, :, None, None, None].chunk(2, dim=1)  # (B, C, 1, 1, 1) each
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Strided 3x3x3 conv; an axis with factor 1 keeps its size, one with factor 2 becomes ceil(n / 2)."""
+
+    def __init__(self, ch: int, factor=(2, 2, 1)):
+        super().__init__()
+        self.conv = conv3(ch, ch, stride=tuple(factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling by `factor` per axis, then a 3x3x3 conv (no checkerboard artefacts)."""
+
+    def __init__(self, ch: int, factor=(2, 2, 1)):
+        super().__init__()
+        self.factor = tuple(float(f) for f in factor)
+        self.conv = conv3(ch, ch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
+
+
+class Attention(nn.Module):
+    """Residual multi-head self-attention over all X*Y*Z positions; starts as the identity."""
+
+    def __init__(self, ch: int, heads: int = 4):
+        super().__init__()
+        if ch % heads:
+            raise ValueError(f"attention channels {ch} not divisible by {heads} heads")
+        self.heads = heads
+        self.norm = norm(ch)
+        self.qkv = nn.Conv3d(ch, 3 * ch, 1)
+        self.proj = zero_module(nn.Conv3d(ch, ch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, X, Y, Z = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, X * Y * Z)  # (B, 3, H, D, N)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)                                          # (B, H, N, D) each
+        h = F.scaled_dot_product_attention(q, k, v)                                        # (B, H, N, D)
+        h = h.transpose(-1, -2).reshape(B, C, X, Y, Z)                                     # (B, C, X, Y, Z)
+        return x + self.proj(h)

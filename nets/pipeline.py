@@ -1,0 +1,88 @@
+"""The generation chain: static LDM -> motion LDM -> VAE decoding, arrays in, arrays out.
+
+Axis vocabulary: latents (B, C, X, Y, Z); a generated cine is (X, Y, Z, T) with T cardiac frames at
+phases 0, 1/T, ... (ED = phase 0). One subject at a time, from its own torch.Generator, so a
+subject comes out the same alone or in a batch. All frames of a subject share their initial
+motion noise (and DDIM with eta = 0 is deterministic), so frames differ only through their phase.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nets.diffusion import Schedule, ddim_sample
+from nets.unet import UNet
+from nets.vae import VAE
+
+
+@dataclass
+class Generator4D:
+    vae: VAE
+    static: UNet
+    motion: UNet
+    sched: Schedule
+    vae_scale: float          # latent = posterior mean * vae_scale
+    residual_scale: float     # motion target = (z_t - z_ED) * residual_scale
+    latent_size: tuple        # (X, Y, Z) of a latent
+    pred: str = "v"
+    decode_batch: int = 8
+
+    @torch.no_grad()
+    def sample_static(self, cond, generator, steps, guidance) -> torch.Tensor:
+        """cond (batch 1) -> the ED latent (1, C, X, Y, Z)."""
+        shape = (1, self.static.cfg.in_ch) + self.latent_size
+        x_T = torch.randn(shape, generator=generator).to(self.device)
+        return ddim_sample(lambda x, t, c: self.static(x, t, c), x_T, self.sched, steps=steps, guidance=guidance,
+                           cond=cond, uncond=self.static.null_conditions(cond), pred=self.pred)
+
+    @torch.no_grad()
+    def sample_motion(self, z_ed, slice_mask, cond, phases, generator, steps, guidance) -> torch.Tensor:
+        """z_ED (1, C, X, Y, Z), slice mask (1, 1, X, Y, Z), cond (batch 1), phases (T,) -> latents (T, C, X, Y, Z)."""
+        T = len(phases)
+        noise = torch.randn((1, self.motion.cfg.in_ch) + self.latent_size, generator=generator).to(self.device)
+        x_T = noise.expand(T, -1, -1, -1, -1).contiguous()                                 # (T, C, X, Y, Z)
+        cond = {**{k: v.expand(T, *v.shape[1:]) for k, v in cond.items()},
+                "phase": torch.as_tensor(phases, dtype=torch.float32, device=self.device)}
+        ctx = torch.cat([z_ed, slice_mask], dim=1).expand(T, -1, -1, -1, -1)               # (T, C + 1, X, Y, Z)
+
+        def model_fn(x, t, c):
+            reps = x.shape[0] // T  # 2 when guidance batches cond and uncond together
+            return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1), frames=T)
+
+        residual = ddim_sample(model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=cond,
+                               uncond=self.motion.null_conditions(cond), pred=self.pred)
+        residual[cond["phase"] == 0] = 0  # phase 0 is ED: the residual is zero by construction
+        return z_ed + residual / self.residual_scale
+
+    @torch.no_grad()
+    def decode(self, z) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents (T, C, X, Y, Z) -> image (X, Y, Z, T) in [-1, 1] and labels (X, Y, Z, T) uint8."""
+        images, labels = [], []
+        for chunk in z.split(self.decode_batch):
+            image, logits = self.vae.decode(chunk / self.vae_scale)
+            images.append(image[:, 0].float().clamp(-1, 1).cpu())                          # (b, X, Y, Z)
+            labels.append(logits.argmax(dim=1).to(torch.uint8).cpu())                      # (b, X, Y, Z)
+        return torch.cat(images).permute(1, 2, 3, 0), torch.cat(labels).permute(1, 2, 3, 0)
+
+    @property
+    def device(self):
+        return next(self.static.parameters()).device
+
+    def generate(self, static_cond, motion_cond, n_slices, phases, seed, steps=25, guidance=2.0,
+                 timings=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One subject: conditions (batch-1 dicts on the device) -> image, labels (X, Y, Z, T)."""
+        generator = torch.Generator().manual_seed(int(seed))
+        clock = time.perf_counter()
+        z_ed = self.sample_static(static_cond, generator, steps, guidance)
+        t1 = time.perf_counter()
+        mask = torch.zeros((1, 1) + self.latent_size, device=self.device)
+        mask[..., :n_slices] = 1.0
+        z = self.sample_motion(z_ed, mask, motion_cond, phases, generator, steps, guidance)
+        t2 = time.perf_counter()
+        image, labels = self.decode(z)
+        if timings is not None:
+            for k, v in (("static", t1 - clock), ("motion", t2 - t1), ("decode", time.perf_counter() - t2)):
+                timings[k] = timings.get(k, 0.0) + v
+        return image, labels

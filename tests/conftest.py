@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny phantom data set and tiny trained weights for all three stages.
+
+Both are built once per test session with the `tiny` preset, through the real CLI, so every
+test that generates or evaluates runs the whole chain end to end on the CPU in seconds.
+"""
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from synth4d import cli
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory):
+    from cine.phantom import write_phantom
+    root = tmp_path_factory.mktemp("phantom")
+    list(write_phantom(root, n=6, seed=0, frames=6, matrix=48, progress=False))
+    return root
+
+
+def run_cli(*args):
+    """Invoke the CLI in-process; fail the test with its output when it does not exit 0."""
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_phantom, tmp_path_factory):
+    """A folder with vae/static/motion .safetensors trained for a few steps on the tiny phantom."""
+    runs = tmp_path_factory.mktemp("runs")
+    cache = runs / "cache"
+    common = ["--preset", "tiny", "--cache", cache]
+    run_cli("train-vae", tiny_phantom, "--out", runs / "vae", "--steps", 6, "--eval-every", 6, *common)
+    vae = runs / "vae" / "vae.safetensors"
+    run_cli("train-static", tiny_phantom, "--vae", vae, "--out", runs / "static", "--steps", 4, *common)
+    run_cli("train-motion", tiny_phantom, "--vae", vae, "--out", runs / "motion", "--steps", 4, *common)
+    folder = runs / "weights"
+    folder.mkdir()
+    for stage in ("vae", "static", "motion"):
+        shutil.copy(runs / stage / f"{stage}.safetensors", folder / f"{stage}.safetensors")
+    return folder

@@ -1,0 +1,164 @@
+"""The shared UNet denoiser on tiny configs with odd latent sizes (B, C, X, Y, Z) = (B, 2, 6, 10, 5)."""
+import dataclasses
+
+import pytest
+import torch
+
+from nets.config import UNetConfig
+from nets.layers import Attention, Downsample, ResBlock, Upsample
+from nets.unet import UNet
+
+SHAPE = (2, 6, 10, 5)  # (C, X, Y, Z): Y and Z not divisible by the factors below
+CFG = UNetConfig(in_ch=2, out_ch=2, widths=(8, 16), down=((2, 2, 1),), attn=(False, True), blocks=1,
+                 emb_dim=16, heads=2, dx_vocab=("NOR", "DCM"), scalars=("lvedv", "rvedv"))
+
+
+def make(cfg=CFG, seed=0, randomise=True):
+    """A UNet whose zero-initialised layers are perturbed, so every path reaches the output."""
+    torch.manual_seed(seed)
+    model = UNet(cfg)
+    if randomise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def inputs(B=2, cfg=CFG, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_ch, *SHAPE[1:], generator=g)
+    t = torch.rand(B, generator=g) * 1000
+    S = len(cfg.scalars)
+    cond = dict(dx=torch.randint(0, len(cfg.dx_vocab) + 1, (B,), generator=g),
+                scalars=torch.randn(B, S, generator=g), present=torch.ones(B, S, dtype=torch.bool))
+    if cfg.phase:
+        cond["phase"] = torch.rand(B, generator=g)
+    return x, t, cond
+
+
+def test_layers_shapes_and_identity_at_init():
+    x = torch.randn(2, 8, 5, 6, 3)
+    assert ResBlock(8, 16, emb_dim=4)(x, torch.randn(2, 4)).shape == (2, 16, 5, 6, 3)
+    assert Downsample(8, (2, 2, 1))(x).shape == (2, 8, 3, 3, 3)
+    assert Upsample(8, (2, 2, 2))(x).shape == (2, 8, 10, 12, 6)
+    assert torch.equal(Attention(8, 2)(x), x)
+    assert torch.equal(ResBlock(8, 8)(x), x)
+
+
+def test_output_shape_matches_odd_input():
+    x, t, cond = inputs()
+    assert make()(x, t, cond).shape == x.shape
+    cfg = dataclasses.replace(CFG, widths=(8, 8, 16), down=((2, 2, 1), (2, 2, 2)), attn=(False, False, True))
+    x, t, cond = inputs(cfg=cfg)
+    assert make(cfg)(x, t, cond).shape == x.shape
+
+
+def test_zero_at_init_and_not_after_one_step():
+    model = make(randomise=False).train()
+    x, t, cond = inputs()
+    assert torch.count_nonzero(model(x, t, cond)) == 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    (model(x, t, cond) - torch.randn_like(x)).square().mean().backward()
+    opt.step()
+    assert model(x, t, cond).abs().max() > 0
+
+
+def test_conditions_and_timestep_change_the_output():
+    model = make()
+    x, t, cond = inputs()
+    with torch.no_grad():
+        ref = model(x, t, cond)
+        other_dx = {**cond, "dx": (cond["dx"] + 1) % 3}
+        other_scalar = {**cond, "scalars": cond["scalars"] + torch.tensor([1.0, 0.0])}
+        assert not torch.allclose(model(x, t, other_dx), ref)
+        assert not torch.allclose(model(x, t, other_scalar), ref)
+        assert not torch.allclose(model(x, t + 100, cond), ref)
+        assert not torch.allclose(model(x, t, model.null_conditions(cond)), ref)
+
+
+def test_absent_scalar_value_is_ignored():
+    model = make()
+    x, t, cond = inputs()
+    cond["present"][:, 1] = False
+    changed = {**cond, "scalars": cond["scalars"].clone()}
+    changed["scalars"][:, 1] = torch.tensor([5.0, float("nan")])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, cond), model(x, t, changed))
+    model(x, t, changed).square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with torch.no_grad():
+        # ...while the same change to a present scalar does matter.
+        changed["scalars"][:, 1] = 5.0
+        cond["present"][:, 1] = True
+        changed["present"] = cond["present"]
+        assert not torch.allclose(model(x, t, cond), model(x, t, changed))
+
+
+def test_phase_is_periodic():
+    cfg = dataclasses.replace(CFG, phase=True)
+    model = make(cfg)
+    x, t, cond = inputs(cfg=cfg)
+    with torch.no_grad():
+        ref = model(x, t, cond)
+        torch.testing.assert_close(model(x, t, {**cond, "phase": cond["phase"] + 1.0}), ref, atol=1e-4, rtol=0)
+        assert not torch.allclose(model(x, t, {**cond, "phase": cond["phase"] + 0.3}), ref)
+
+
+def test_ctx_channels_are_used():
+    cfg = dataclasses.replace(CFG, ctx_ch=3)
+    model = make(cfg)
+    x, t, cond = inputs(cfg=cfg)
+    ctx = torch.randn(2, 3, *SHAPE[1:])
+    with torch.no_grad():
+        assert model(x, t, cond, ctx=ctx).shape == x.shape
+        assert not torch.allclose(model(x, t, cond, ctx=ctx), model(x, t, cond, ctx=ctx + 1))
+
+
+def test_temporal_attention_mixes_frames_of_one_subject_only():
+    cfg = dataclasses.replace(CFG, temporal=True, phase=True)
+    model = make(cfg)
+    subjects, frames = 2, 3
+    x, t, cond = inputs(B=subjects * frames, cfg=cfg)
+    bumped = x.clone()
+    bumped[0] += 1.0                                             # frame 0 of subject 0
+    with torch.no_grad():
+        ref, out = model(x, t, cond, frames=frames), model(bumped, t, cond, frames=frames)
+        assert not torch.allclose(out[1], ref[1])                # frame 1 of subject 0 sees it
+        assert torch.equal(out[frames:], ref[frames:])           # subject 1 does not
+        # Without frames the layer is skipped and every sample is independent.
+        ref, out = model(x, t, cond), model(bumped, t, cond)
+        assert torch.equal(out[1:], ref[1:])
+    with pytest.raises(ValueError, match="frames"):
+        model(x[:5], t[:5], {k: v[:5] for k, v in cond.items()}, frames=frames)
+
+
+def test_temporal_layer_starts_as_identity():
+    cfg = dataclasses.replace(CFG, temporal=True)
+    torch.manual_seed(0)
+    model = UNet(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("temporal.proj"):
+                p.add_(0.1 * torch.randn_like(p))
+    x, t, cond = inputs(B=4)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, cond, frames=2), model(x, t, cond))
+
+
+def test_drop_conditions():
+    model = make()
+    B = 4000
+    cond = dict(dx=torch.zeros(B, dtype=torch.long), scalars=torch.randn(B, 2),
+                present=torch.ones(B, 2, dtype=torch.bool), phase=torch.rand(B))
+    g = torch.Generator().manual_seed(0)
+    dropped = model.drop_conditions(cond, p_all=0.1, p_each=0.2, generator=g)
+    null = dropped["dx"] == len(CFG.dx_vocab)
+    all_gone = null & ~dropped["present"].any(1)
+    # P(dx null) = 0.1 + 0.9 * 0.2; P(everything dropped) = 0.1 + 0.9 * 0.2 ** 3
+    assert abs(null.float().mean() - 0.28) < 0.03
+    assert abs(all_gone.float().mean() - 0.1072) < 0.02
+    assert torch.equal(dropped["phase"], cond["phase"]) and torch.equal(dropped["scalars"], cond["scalars"])
+    again = model.drop_conditions(cond, 0.1, 0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again["present"], dropped["present"]) and torch.equal(again["dx"], dropped["dx"])
+    none = model.null_conditions(cond)
+    assert (none["dx"] == 2).all() and not none["present"].any() and torch.equal(none["phase"], cond["phase"])

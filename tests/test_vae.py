@@ -1,0 +1,169 @@
+"""The VAE: shapes, posterior, semi-supervised loss, checkpoint, exact resume, CLI train + segment."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import train.vae as tv
+import weights
+from cine import UserError, nifti
+from nets.config import VAEConfig, get_preset
+from nets.vae import VAE, DiagonalGaussian
+from synth4d import cli
+from train.common import save_checkpoint
+from train.segment import segment
+
+TINY = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from cine.phantom import write_phantom
+    root = tmp_path_factory.mktemp("phantom")
+    list(write_phantom(root, n=3, seed=0, frames=6, matrix=48, progress=False))
+    return root
+
+
+@pytest.mark.parametrize("cfg", [TINY.vae, get_preset("cpu").vae], ids=["factor2", "factor4"])
+def test_odd_sizes_are_padded_and_cropped_back(cfg):
+    torch.manual_seed(0)
+    model = VAE(cfg)
+    image, logits, posterior = model(torch.randn(1, 1, 18, 22, 5))
+    assert image.shape == (1, 1, 18, 22, 5) and logits.shape == (1, cfg.n_classes, 18, 22, 5)
+    f = cfg.factor
+    assert posterior.mean.shape == (1, cfg.latent_ch, -(-18 // f), -(-22 // f), 5)
+    assert model.decode(posterior.mode())[0].shape[2:4] == (-(-18 // f) * f, -(-22 // f) * f)
+
+
+def test_posterior():
+    mean, logvar = torch.randn(2, 3, 4, 4, 2), torch.randn(2, 3, 4, 4, 2)
+    q = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
+    assert torch.equal(q.mode(), mean)
+    a, b = q.sample(torch.Generator().manual_seed(1)), q.sample(torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, mean)
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
+                                            torch.distributions.Normal(0.0, 1.0)).sum(dim=(1, 2, 3, 4))
+    torch.testing.assert_close(q.kl(), ref)
+    assert q.kl().shape == (2,)
+    zero = DiagonalGaussian(torch.zeros(1, 2, 3, 3, 1))
+    assert torch.equal(zero.kl(), torch.zeros(1))
+    huge = DiagonalGaussian(torch.cat([mean, torch.full_like(logvar, 1e4)], dim=1))
+    assert torch.isfinite(huge.kl()).all() and huge.logvar.max() == 20.0
+
+
+def _batch(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 24, 24, 12, generator=g) * 2 - 1
+    mask = torch.randint(0, 4, (n, 24, 24, 12), generator=g)
+    zmask = torch.ones(n, 1, 1, 1, 12)
+    zmask[:, ..., 9:] = 0
+    return x, mask, zmask
+
+
+def test_mask_loss_ignores_unlabelled_frames():
+    torch.manual_seed(0)
+    model = VAE(TINY.vae)
+    x, mask, zmask = _batch()
+
+    def run(label_w, mask=mask):
+        model.zero_grad()
+        image, logits, posterior = model(x, sample=False)
+        losses = tv.vae_loss(image, logits, posterior, x, mask, label_w, zmask)
+        losses["loss"].backward()
+        return losses, [p.grad.clone() for p in model.decoder.mask_head.parameters()]
+
+    losses, grads = run(torch.zeros(3))
+    assert losses["ce"] == 0 and losses["dice"] == 0
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    losses, grads = run(torch.tensor([0.0, 1.0, 0.0]))
+    assert losses["ce"] > 0 and torch.count_nonzero(grads[-1]) > 0
+    # Whatever the unlabelled frames' (dummy) masks hold, nothing changes.
+    other = mask.clone()
+    other[0], other[2] = 0, 3
+    losses2, grads2 = run(torch.tensor([0.0, 1.0, 0.0]), other)
+    assert losses2["ce"] == losses["ce"] and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    # Padding slices count in no loss.
+    beyond = mask.clone()
+    beyond[..., 9:] = (beyond[..., 9:] + 1) % 4
+    losses3, _ = run(torch.tensor([0.0, 1.0, 0.0]), beyond)
+    assert losses3["ce"] == losses["ce"] and losses3["dice"] == losses["dice"]
+
+
+def test_checkpoint_rebuilds_identical_model(tmp_path):
+    torch.manual_seed(0)
+    cfg = VAEConfig(widths=(8, 16), latent_ch=2, blocks=2)
+    model = VAE(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the zero-initialised heads would make any model look alike
+    path = save_checkpoint(tmp_path / "vae.safetensors", model, "vae", cfg,
+                           {"grid": {"spacing": 6.0, "size": 24, "slices": 12}, "scale": 1.5})
+    loaded, meta = tv.load_vae(path)
+    assert loaded.cfg == cfg and meta["scale"] == 1.5 and meta["grid"] == TINY.grid
+    x = torch.randn(2, 1, 24, 24, 12)
+    with torch.no_grad():
+        a, b = model(x, sample=False), loaded(x, sample=False)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_resume_equals_uninterrupted(phantom, tmp_path, monkeypatch):
+    run = dict(preset="tiny", steps=6, batch_size=2, eval_every=3, cache=tmp_path / "cache")
+    tv.train_vae(phantom, tmp_path / "a", **run)
+
+    real = tv.lr_at
+
+    def crash_in_step_4(step, *args):
+        if step == 4:  # after the state of step 3 was written
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(tv, "lr_at", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        tv.train_vae(phantom, tmp_path / "b", **run)
+    monkeypatch.setattr(tv, "lr_at", real)
+    with pytest.raises(UserError, match="--resume"):
+        tv.train_vae(phantom, tmp_path / "b", **run)
+    tv.train_vae(phantom, tmp_path / "b", resume=True, preset="tiny", cache=tmp_path / "cache", eval_every=3)
+
+    for name in ("vae_last.safetensors", "vae.safetensors"):
+        a, b = load_file(tmp_path / "a" / name), load_file(tmp_path / "b" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = torch.load(tmp_path / "a" / "vae.state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "b" / "vae.state.pt", weights_only=True)
+    assert sa["step"] == sb["step"] == 6
+    assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
+    with pytest.raises(UserError, match="nothing to resume"):
+        tv.train_vae(phantom, tmp_path / "c", resume=True, preset="tiny")
+
+
+def test_cli_train_then_segment(phantom, tmp_path, monkeypatch):
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(cli, ["train-vae", str(phantom), "--out", str(out), "--preset", "tiny", "--steps", "4",
+                                 "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+    ckpt = Path(result.stdout.strip().splitlines()[-1])
+    assert ckpt == out / "vae.safetensors" and ckpt.is_file()
+    _, _, meta = tv.load_checkpoint(ckpt, stage="vae")
+    assert meta["preset"] == "tiny" and meta["scale"] > 0 and "psnr" in meta["eval"]
+    assert (out / "split.json").is_file() and (out / "log.txt").is_file()
+
+    cine_path = sorted(phantom.rglob("*_4d.nii.gz"))[0]
+    dest = tmp_path / "seg" / "mask.nii.gz"
+    result = runner.invoke(cli, ["segment", str(cine_path), str(dest), "--weights", str(ckpt)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(dest)
+    image, geom = nifti.read(cine_path, ndim=4)
+    mask, mgeom = nifti.read(dest, ndim=4, kind="mask")
+    assert mask.shape == image.shape and np.allclose(mgeom.affine, geom.affine) and mgeom == geom
+    assert mask.max() <= 3
+    with pytest.raises(UserError, match="--overwrite"):
+        next(segment(cine_path, dest, weights=ckpt))
+    row = next(segment(cine_path, dest, weights=ckpt, overwrite=True))
+    assert len(row["lv_curve"]) == image.shape[3] and row["lvedv"] >= row["lvesv"]
+    monkeypatch.setattr(weights, "DIR", tmp_path / "no_weights_here")
+    with pytest.raises(UserError, match="no shipped VAE weights"):
+        next(segment(cine_path, tmp_path / "x.nii.gz"))

@@ -1,0 +1,307 @@
+"""The small pieces every training stage shares: device, checkpoints, resume state, EMA,
+learning-rate schedule, logging, the held-out split and reproducible batch draws.
+
+Checkpoints (`*.safetensors`) hold model weights only, plus metadata that lets the file alone
+rebuild the model: the stage name, a format version, the network config as JSON and any
+measured values (latent scale, grid, eval figures), each JSON-encoded. The resume state
+(`*.state.pt`) holds what a checkpoint does not: raw training weights, optimizer, EMA, step and
+every RNG, as tensors and plain Python values so `torch.load(weights_only=True)` reads it.
+All writes are atomic (temp file in the same folder, then os.replace).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cine import DataError, UserError
+
+FORMAT_VERSION = "1"
+_RESERVED = ("format", "stage", "format_version", "config")
+
+
+def select_device(name: str) -> torch.device:
+    """torch.device from a CLI string; a clear UserError when the device is unknown or absent."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} requested but MPS is not available on this machine; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA, where it speeds convolutions up; a no-op elsewhere (CPU bf16 is slower)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _atomic(path: Path, write):
+    """Call write(tmp) then rename tmp over path, so a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: safetensors weights + self-describing metadata
+
+
+def save_checkpoint(path, model, stage: str, config, meta: dict | None = None) -> Path:
+    """Write model weights (a module or a state dict) with stage, format version, config and meta."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    metadata = {"format": "synth4d", "stage": stage, "format_version": FORMAT_VERSION,
+                "config": json.dumps(dataclasses.asdict(config))}
+    for key, value in (meta or {}).items():
+        if key in _RESERVED:
+            raise ValueError(f"meta key {key!r} is reserved")
+        metadata[key] = json.dumps(value)
+    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint(path, stage: str | None = None) -> tuple[dict, dict, dict]:
+    """Read a checkpoint -> (state_dict, config dict, meta dict); DataError if it is not the expected one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for foreign or truncated files
+        raise DataError(path, f"not a readable safetensors checkpoint ({type(e).__name__})") from None
+    if metadata.get("format") != "synth4d" or "stage" not in metadata or "config" not in metadata:
+        raise DataError(path, "not a synth4d checkpoint (no synth4d metadata)")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise DataError(path, f"checkpoint format version {metadata.get('format_version')!r} is not "
+                              f"supported (this synth4d reads {FORMAT_VERSION!r})")
+    if stage is not None and metadata["stage"] != stage:
+        raise DataError(path, f"a {metadata['stage']!r} checkpoint, expected a {stage!r} one")
+    try:
+        config = json.loads(metadata["config"])
+        meta = {k: json.loads(v) for k, v in metadata.items() if k not in _RESERVED}
+    except json.JSONDecodeError:
+        raise DataError(path, "checkpoint metadata is not valid JSON") from None
+    return state, config, meta
+
+
+def config_from_dict(cls, d: dict):
+    """Rebuild a (frozen) config dataclass from its JSON dict: lists become tuples, nested configs recurse."""
+    hints = typing.get_type_hints(cls)
+
+    def convert(value, hint):
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            return config_from_dict(hint, value)
+        if isinstance(value, list):
+            return tuple(convert(v, None) for v in value)
+        return value
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
+    return cls(**{k: convert(v, hints.get(k)) for k, v in d.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume state: everything a checkpoint does not hold
+
+
+def save_state(path, model, optimizer, ema_model, step: int, extra: dict | None = None) -> Path:
+    """Write raw weights, optimizer, EMA weights, step, extra (plain values/tensors) and all RNG states."""
+    np_state = np.random.get_state()
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema_model.state_dict(),
+        "step": int(step), "extra": extra or {},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return _atomic(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_state(path, model, optimizer, ema_model) -> tuple[int, dict]:
+    """Restore what save_state wrote into model, optimizer and EMA, and the RNGs -> (step, extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "resume state not found")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema_model.load_state_dict(state["ema"])
+    except Exception as e:  # unpickling and state-dict mismatches raise many types
+        raise DataError(path, f"unusable resume state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    name, keys, pos, has_gauss, cached = state["numpy_rng"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    return state["step"], state["extra"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loop pieces
+
+
+def make_ema(model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen copy of `model` in eval mode, to be updated with update_ema."""
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model; pass decay 0 on the first update (a plain copy)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 10% of `peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class FrameSampler:
+    """Reproducible random draws for batches and augmentation, from one torch.Generator whose
+    state goes into the resume state (so a resumed run draws exactly what it would have)."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def indices(self, n: int, k: int) -> list[int]:
+        """k indices drawn uniformly, with replacement, from range(n)."""
+        return torch.randint(n, (k,), generator=self.generator).tolist()
+
+    def uniform(self, *shape, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=self.generator)
+
+    def normal(self, *shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator)
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def write_split(out, ids, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Split subject ids into (train, val) and record it in out/split.json; on resume use read_split."""
+    from cine.prep import split_ids
+    train_ids, val_ids = split_ids(list(ids), val_fraction, seed)
+    record = {"seed": seed, "val_fraction": val_fraction, "train": list(train_ids), "val": list(val_ids)}
+    _atomic(Path(out) / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return list(train_ids), list(val_ids)
+
+
+def read_split(out, ids=None) -> tuple[list, list]:
+    """(train, val) ids from out/split.json; with `ids`, check that every recorded subject is still there."""
+    path = Path(out) / "split.json"
+    try:
+        record = json.loads(path.read_text())
+        train_ids, val_ids = list(record["train"]), list(record["val"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(path, "missing or unreadable split record; cannot resume this run") from None
+    if ids is not None:
+        missing = sorted(set(train_ids + val_ids) - set(ids))
+        if missing:
+            raise UserError(f"the data no longer hold subject(s) {', '.join(missing[:5])} of the run's split "
+                            f"({path}); resume on the same data or start a new --out")
+    return train_ids, val_ids
+
+
+class RunLog:
+    """Progress bar (stderr) with the window-mean loss and steps/s, plus a plain-text out/log.txt."""
+
+    def __init__(self, out_dir, total_steps: int, start_step: int = 0, every: int = 25):
+        self.path = Path(out_dir) / "log.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.every = every
+        self.bar = tqdm(total=total_steps, initial=start_step, file=sys.stderr, dynamic_ncols=True, unit="step")
+        self._sums, self._n, self._t0 = {}, 0, time.perf_counter()
+
+    def _write(self, line: str) -> None:
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def step(self, step: int, losses: dict, lr: float) -> None:
+        """Record one finished step (0-based) with its loss terms; writes a line every `every` steps."""
+        for k, v in losses.items():
+            self._sums[k] = self._sums.get(k, 0.0) + float(v)
+        self._n += 1
+        self._last = (step, lr)
+        self.bar.update(1)
+        if self._n >= self.every:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the window's mean loss terms and steps/s, and start a new window."""
+        step, lr = self._last
+        rate = self._n / max(1e-9, time.perf_counter() - self._t0)
+        means = {k: v / self._n for k, v in self._sums.items()}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()} | {"it/s": f"{rate:.2f}"}, refresh=False)
+        terms = " ".join(f"{k} {v:.5g}" for k, v in means.items())
+        self._write(f"step {step + 1} {terms} lr {lr:.3g} steps/s {rate:.3f}")
+        self._sums, self._n, self._t0 = {}, 0, time.perf_counter()
+
+    def buckets(self, step: int, losses: dict) -> None:
+        """Per-timestep-bucket losses of a diffusion stage, e.g. {"t0-249": 0.12, ...}."""
+        self._write(f"step {step + 1} buckets " + " ".join(f"{k} {float(v):.5g}" for k, v in losses.items()))
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (evaluation, checkpoints) out of steps/s."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t0 += time.perf_counter() - t
+
+    def eval(self, step: int, figures: dict) -> None:
+        self._write(f"step {step} eval " + json.dumps(figures))
+        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()
+                                                   if isinstance(v, (int, float))), file=sys.stderr)
+
+    def note(self, text: str) -> None:
+        self._write(text)
+        self.bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self._n:
+            self._flush()
+        self.bar.close()

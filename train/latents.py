@@ -1,0 +1,97 @@
+"""Encode a data set with a trained VAE once, for both latent diffusion stages (cached).
+
+Axis vocabulary: a subject's latents are (T, C, X, Y, Z): cardiac frame, latent channel, the
+in-plane latent grid and the slices. Latents are posterior means times the VAE's measured scale,
+so they have unit standard deviation over the training frames.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cine import DataError
+from cine.prep import default_cache_dir, prepare_dataset
+from train.common import autocast, select_device
+from train.vae import load_vae
+
+LATENT_VERSION = 1
+DEFAULT_RR_MS = 1000.0  # cycle length when a data set does not record the frame duration
+
+
+@dataclass
+class LatentSubject:
+    id: str
+    z: np.ndarray               # (T, C, X, Y, Z) float32, scaled posterior means
+    ed: int
+    es: int | None
+    n_slices: int
+    dx: str | None
+    slice_mm: float
+    rr_ms: float
+    measures: dict = field(default_factory=dict)   # lvedv ... rvef from the source ED/ES masks, if labelled
+
+    @property
+    def frames(self) -> int:
+        return self.z.shape[0]
+
+    def values(self) -> dict:
+        """The subject's condition values: its measures plus the acquisition figures the priors also model."""
+        return {**self.measures, "slices": float(self.n_slices), "slice_mm": self.slice_mm, "rr_ms": self.rr_ms,
+                "dx": self.dx}
+
+
+def _file_digest(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", batch=16):
+    """-> (list[LatentSubject], vae meta). Cached under cache/latents/ by VAE file and prepared data."""
+    dev = select_device(device)
+    vae, meta = load_vae(vae_path, dev)
+    if "scale" not in meta or "grid" not in meta:
+        raise DataError(vae_path, "VAE checkpoint lacks its measured latent scale or grid; retrain or pass a finished run")
+    subjects = prepare_dataset(data, meta["grid"], cache_dir=cache, skip_bad=skip_bad)
+    key = hashlib.sha256(json.dumps([LATENT_VERSION, _file_digest(vae_path), str(Path(data).resolve()),
+                                     sorted((s.id, s.image.shape, float(s.image[::7, ::7].sum())) for s in subjects)],
+                                    default=str).encode()).hexdigest()[:32]
+    path = Path(cache or default_cache_dir()) / "latents" / f"{key}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            info = json.loads(str(f["info"]))
+            return [LatentSubject(z=f[f"z{i}"].astype(np.float32), **row) for i, row in enumerate(info)], meta
+
+    out, scale = [], float(meta["scale"])
+    for s in tqdm(subjects, desc="encoding", unit="subject", file=sys.stderr, leave=False):
+        frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(s.image, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
+        zs = []
+        for chunk in frames.split(batch):
+            with autocast(dev):
+                zs.append(vae.encode(chunk.to(dev)).mode().float().cpu() * scale)       # (b, C, x, y, Z)
+        rr = s.frame_ms * s.image.shape[3] if s.frame_ms else DEFAULT_RR_MS
+        measures = {k: float(v) for k, v in s.measures.items() if v is not None and math.isfinite(v)}
+        # Rounded as the cache stores it, so a run reading the cache sees exactly what the first run saw.
+        z = torch.cat(zs).numpy().astype(np.float16).astype(np.float32)
+        out.append(LatentSubject(s.id, z, s.ed, s.es, s.n_slices, s.dx,
+                                 float(s.spacing[2]), float(rr), measures))
+    info = [{"id": s.id, "ed": s.ed, "es": s.es, "n_slices": s.n_slices, "dx": s.dx, "slice_mm": s.slice_mm,
+             "rr_ms": s.rr_ms, "measures": s.measures} for s in out]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+    with open(tmp, "wb") as f:
+        np.savez(f, info=json.dumps(info), **{f"z{i}": s.z.astype(np.float16) for i, s in enumerate(out)})
+    os.replace(tmp, path)
+    return out, meta

@@ -1,0 +1,263 @@
+"""Stage 1: train the semi-supervised image + mask VAE on every frame of a cine data set.
+
+Axis vocabulary: a prepared cine is (X, Y, Z, T) on the preset grid; a batch is (B, 1, X, Y, Z)
+images, (B, X, Y, Z) integer masks, (B,) label weights and (B, 1, 1, 1, Z) slice weights.
+Every frame trains the image path (L1 + a small KL); the mask path (cross-entropy + soft Dice
+over RV, MYO, LV) learns only from frames that carry a label (ED/ES of labelled subjects):
+a per-sample label weight of 0 removes a frame from the mask loss exactly. Padding slices
+(beyond a subject's n_slices) count in no loss.
+
+Run folder: vae.safetensors (best held-out labelled Dice), vae_last.safetensors, vae.state.pt
+(resume), split.json, run.json (run settings), log.txt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cine import LABELS, UserError
+from nets.config import GridConfig, VAEConfig, get_preset
+from nets.vae import VAE
+from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load_checkpoint, load_state,
+                          lr_at, make_ema, read_split, save_checkpoint, save_state, select_device,
+                          update_ema, write_split)
+
+KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
+                     # while the latent stays informative (posterior std well below 1)
+EMA_DECAY = 0.999
+VAL_FRACTION = 0.1
+SCALE_FRAMES = 128   # training frames whose posterior means give the latent scale factor
+STRUCTURES = (1, 2, 3)
+
+
+def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="cpu",
+              seed=0, skip_bad=False, cache=None, eval_every=500) -> str:
+    """Train the VAE on the data set in `data`; returns the path of the best checkpoint (out/vae.safetensors)."""
+    from cine.prep import prepare_dataset
+
+    out = Path(out)
+    dev = select_device(device)
+    state_path, best_path, last_path = out / "vae.state.pt", out / "vae.safetensors", out / "vae_last.safetensors"
+    run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    if resume:
+        if not state_path.is_file():
+            raise UserError(f"nothing to resume in {out} (no vae.state.pt); run without --resume to start")
+        run = _resumed_settings(out / "run.json", run)
+    elif state_path.exists() or best_path.exists() or last_path.exists():
+        raise UserError(f"{out} already holds a VAE run; pass --resume to continue it or choose another --out")
+    p = get_preset(run["preset"])
+    run["steps"] = run["steps"] or p.train_vae.steps
+    run["batch_size"] = run["batch_size"] or p.train_vae.batch_size
+    run["lr"] = run["lr"] or p.train_vae.lr
+    total, bs, seed = run["steps"], run["batch_size"], run["seed"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").write_text(json.dumps(run, indent=1))
+
+    subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad)}
+    if len(subjects) < 2:
+        raise UserError(f"{data} holds {len(subjects)} usable subject; the VAE needs at least 2 (one is held out)")
+    train_ids, val_ids = (read_split(out, subjects) if resume
+                          else write_split(out, list(subjects), VAL_FRACTION, seed))
+    train, val = [subjects[i] for i in train_ids], [subjects[i] for i in val_ids]
+    frames = [(s, t) for s, subj in enumerate(train) for t in range(subj.image.shape[3])]
+    labelled = [(s, t) for s, subj in enumerate(train) for t in sorted(subj.masks)]
+
+    torch.manual_seed(seed)
+    model = VAE(p.vae).to(dev)
+    ema = make_ema(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
+    sampler = FrameSampler(seed)
+    start, best = 0, {"score": -float("inf")}
+    if resume:
+        start, extra = load_state(state_path, model, opt, ema)
+        sampler.set_state(extra["sampler"])
+        best = extra["best"]
+    warmup = min(200, max(1, total // 20))
+    decay = min(EMA_DECAY, 1.0 - 10.0 / total)  # short runs would otherwise evaluate the initial weights
+    meta = {"preset": p.name, "grid": dataclasses.asdict(p.grid), "train_subjects": len(train),
+            "labelled_frames": len(labelled), "seed": seed}
+
+    log = RunLog(out, total, start)
+    log.note(f"VAE {p.name}: {len(train)} training subjects ({len(frames)} frames, {len(labelled)} labelled), "
+             f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, device {dev}")
+    model.train()
+    for step in range(start, total):
+        lr_now = lr_at(step, run["lr"], warmup, total)
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        x, target, mask, label_w, zmask = (t.to(dev) for t in _batch(train, frames, labelled, sampler, bs))
+        with autocast(dev):
+            image, logits, posterior = model(x)
+        losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        update_ema(ema, model, decay if step > 0 else 0.0)
+        log.step(step, {k: v.item() for k, v in losses.items()}, lr_now)
+
+        done = step + 1
+        if done % eval_every == 0 or done == total:
+            with log.paused():
+                figures = evaluate_vae(ema, val, dev)
+                log.eval(done, figures)
+                info = {**meta, "step": done, "eval": figures, "scale": latent_scale(ema, train, dev)}
+                save_checkpoint(last_path, ema, "vae", p.vae, info)
+                score = figures.get("dice_labelled", figures["psnr"])
+                if score > best["score"] or not best_path.exists():
+                    best = {"score": score, "step": done}
+                    save_checkpoint(best_path, ema, "vae", p.vae, info)
+                save_state(state_path, model, opt, ema, done, {"sampler": sampler.state(), "best": best})
+    log.note(f"best checkpoint: step {best.get('step')} ({best_path})")
+    log.close()
+    return str(best_path)
+
+
+def _resumed_settings(path: Path, given: dict) -> dict:
+    """The recorded run settings, with those given again on the command line taking over."""
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"cannot resume: {path} is missing or unreadable") from None
+    if given["preset"] != run["preset"]:
+        raise UserError(f"this run uses preset {run['preset']!r}; resume it with --preset {run['preset']}")
+    return {**run, **{k: v for k, v in given.items() if v is not None and k not in ("preset", "seed")}}
+
+
+def _batch(train, frames, labelled, sampler: FrameSampler, bs: int):
+    """Draw a batch: each slot is a labelled frame with probability 1/2 (when any exist), else any frame.
+
+    Returns input (B, 1, X, Y, Z) with light intensity augmentation + noise, its clean target,
+    masks (B, X, Y, Z) (zeros where unlabelled), label weights (B,) and slice weights (B, 1, 1, 1, Z).
+    """
+    from_labelled = (sampler.uniform(bs) < 0.5).tolist() if labelled else [False] * bs
+    picks = []
+    for lab in from_labelled:
+        pool = labelled if lab else frames
+        picks.append(pool[sampler.indices(len(pool), 1)[0]])
+    image = torch.from_numpy(np.stack([train[s].image[..., t] for s, t in picks]))[:, None]   # (B, 1, X, Y, Z)
+    shape = image.shape[2:]
+    mask = torch.from_numpy(np.stack([train[s].masks.get(t, np.zeros(shape, np.uint8)) for s, t in picks])).long()
+    label_w = torch.tensor([float(t in train[s].masks) for s, t in picks])
+    zmask = torch.zeros(bs, 1, 1, 1, shape[2])
+    for b, (s, _) in enumerate(picks):
+        zmask[b, ..., :train[s].n_slices] = 1.0
+    # Intensity-only augmentation keeps the image-mask pairing (flips would swap the heart's handedness).
+    gamma = torch.exp(sampler.uniform(bs, 1, 1, 1, 1, low=-0.2, high=0.2))
+    gain = sampler.uniform(bs, 1, 1, 1, 1, low=0.9, high=1.05)
+    target = ((image + 1) / 2).clamp(0, 1).pow(gamma).mul(gain) * 2 - 1
+    noise = sampler.uniform(bs, 1, 1, 1, 1, high=0.03) * sampler.normal(*image.shape)
+    return target + noise, target, mask, label_w, zmask
+
+
+def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=KL_WEIGHT) -> dict:
+    """Loss terms (scalars): L1 reconstruction and KL on every frame, CE + soft Dice on labelled ones.
+
+    image (B, 1, X, Y, Z), logits (B, C, X, Y, Z), target (B, 1, X, Y, Z), mask (B, X, Y, Z) long,
+    label_w (B,) 1 for a labelled frame, 0 otherwise; zmask (B, 1, 1, 1, Z) 1 on real slices.
+    """
+    image, logits = image.float(), logits.float()
+    w = zmask.expand_as(target)
+    rec = ((image - target).abs() * w).sum() / w.sum()
+    kl = posterior.kl().float().mean()
+    voxel_w = label_w[:, None, None, None] * zmask[:, 0]                     # (B, 1, 1, Z) -> broadcast
+    ce_map = F.cross_entropy(logits, mask, reduction="none")                 # (B, X, Y, Z)
+    voxel_w = voxel_w.expand_as(ce_map)
+    ce = (ce_map * voxel_w).sum() / voxel_w.sum().clamp_min(1.0)
+    prob = logits.softmax(dim=1)[:, 1:] * zmask                              # (B, C - 1, X, Y, Z)
+    onehot = F.one_hot(mask, logits.shape[1]).movedim(-1, 1)[:, 1:].float() * zmask
+    inter = (prob * onehot).sum(dim=(2, 3, 4))                               # (B, C - 1)
+    denom = (prob + onehot).sum(dim=(2, 3, 4))
+    soft_dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean(dim=1)        # (B,)
+    dice = (soft_dice * label_w).sum() / label_w.sum().clamp_min(1.0)
+    loss = rec + kl_weight * kl + ce + dice
+    return {"loss": loss, "l1": rec, "kl": kl, "ce": ce, "dice": dice}
+
+
+@torch.no_grad()
+def reconstruct(model, image4d: np.ndarray, device, batch: int = 8):
+    """(X, Y, Z, T) cine -> reconstructed (X, Y, Z, T) image and (C, X, Y, Z, T) probabilities, from posterior modes."""
+    frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image4d, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
+    images, probs = [], []
+    for chunk in frames.split(batch):
+        with autocast(device):
+            z = model.encode(chunk.to(device)).mode()
+            image, logits = model.decode(z, size=chunk.shape[2:4])
+        images.append(image.float()[:, 0].cpu())
+        probs.append(logits.float().softmax(dim=1).cpu())
+    image = torch.cat(images).permute(1, 2, 3, 0).numpy()                                   # (X, Y, Z, T)
+    prob = torch.cat(probs).permute(1, 2, 3, 4, 0).numpy()                                  # (C, X, Y, Z, T)
+    return image, prob
+
+
+def evaluate_vae(model, subjects, device) -> dict:
+    """Held-out figures: PSNR/SSIM of every frame, Dice per structure on labelled frames and, where
+    a full-cycle ground truth exists (phantom), on the frames that carry no label."""
+    from cine.metrics import dice, psnr, ssim
+
+    was_training = model.training
+    model.eval()
+    psnrs, ssims = [], []
+    dices = {"labelled": {c: [] for c in STRUCTURES}, "unlabelled": {c: [] for c in STRUCTURES}}
+    for subj in subjects:
+        n = subj.n_slices
+        recon, prob = reconstruct(model, subj.image, device)
+        pred = prob.argmax(axis=0).astype(np.uint8)                                         # (X, Y, Z, T)
+        for t in range(subj.image.shape[3]):
+            psnrs.append(psnr(recon[:, :, :n, t], subj.image[:, :, :n, t], data_range=2.0))
+            ssims.append(ssim(recon[:, :, :n, t], subj.image[:, :, :n, t], data_range=2.0))
+            if t in subj.masks:
+                truth, kind = subj.masks[t], "labelled"
+            elif subj.full_mask is not None:
+                truth, kind = subj.full_mask[..., t], "unlabelled"
+            else:
+                continue
+            for c, d in dice(pred[:, :, :n, t], truth[:, :, :n], labels=STRUCTURES).items():
+                dices[kind][c].append(d)
+    model.train(was_training)
+    figures = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+    for kind, per in dices.items():
+        for c, values in per.items():
+            if values:
+                figures[f"dice_{kind}_{LABELS[c]}"] = float(np.mean(values))
+        if all(per.values()):
+            figures[f"dice_{kind}"] = float(np.mean([figures[f"dice_{kind}_{LABELS[c]}"] for c in STRUCTURES]))
+    return figures
+
+
+@torch.no_grad()
+def latent_scale(model, subjects, device, n_frames: int = SCALE_FRAMES) -> float:
+    """1 / std of the posterior means over real slices of up to n_frames training frames, evenly picked."""
+    frames = [(s, t) for s in subjects for t in range(s.image.shape[3])]
+    picks = [frames[i] for i in np.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().astype(int)]
+    was_training = model.training
+    model.eval()
+    values = []
+    for i in range(0, len(picks), 8):
+        chunk = picks[i:i + 8]
+        x = torch.from_numpy(np.stack([s.image[..., t] for s, t in chunk]))[:, None].to(device)  # (b, 1, X, Y, Z)
+        with autocast(device):
+            mean = model.encode(x).mode().float()
+        values += [mean[j, ..., :s.n_slices].flatten().cpu() for j, (s, _) in enumerate(chunk)]
+    model.train(was_training)
+    return float(1.0 / torch.cat(values).std().clamp_min(1e-8))
+
+
+def load_vae(path, device="cpu") -> tuple[VAE, dict]:
+    """Rebuild the VAE from a checkpoint file alone -> (model in eval mode on device, metadata)."""
+    from cine import DataError
+
+    state, config, meta = load_checkpoint(path, stage="vae")
+    try:
+        model = VAE(config_from_dict(VAEConfig, config))
+        model.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(path, f"checkpoint does not match the VAE ({str(e).splitlines()[0][:120]})") from None
+    if "grid" in meta:
+        meta["grid"] = config_from_dict(GridConfig, meta["grid"])
+    return model.to(select_device(str(device))).eval(), meta
