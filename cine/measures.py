@@ -49,3 +49,42 @@ def volume_curve(mask4d, spacing) -> dict:
     ml = _voxel_ml(spacing)
     return {name: np.count_nonzero(mask4d == label, axis=(0, 1, 2)).astype(np.float64) * ml
             for name, label in _LABEL.items()}
+
+
+def wall_thickness(mask, spacing) -> float:
+    """Maximum LV myocardial wall thickness (mm) of one (X, Y, Z) mask, measured in-plane slice by slice.
+
+    Through each myocardial voxel the local thickness is d_endo + d_epi - pixel: its in-plane distances
+    to the nearest LV cavity voxel and the nearest voxel outside the LV (neither MYO nor LV), less one
+    pixel since both are centre-to-centre (a wall k pixels across scores k pixels). Only slices
+    with an LV cavity count (an apical cap has no endocardium). 0.0 when no slice has both.
+    """
+    mask = np.asarray(mask)
+    sx, sy = float(spacing[0]), float(spacing[1])
+    best = 0.0
+    for z in range(mask.shape[2]):
+        m = mask[:, :, z]
+        lv, heart = m == _LABEL["lv"], (m == _LABEL["lv"]) | (m == _LABEL["myo"])
+        # A nearest voxel always has a 4-neighbour nearer to the query, hence of the other kind:
+        # only the voxels on the boundaries can be nearest.
+        endo, epi = lv & _touches(~lv), ~heart & _touches(heart)
+        myo = np.argwhere(m == _LABEL["myo"]) * (sx, sy)
+        if len(myo) and endo.any() and epi.any():
+            local = _nearest(myo, np.argwhere(endo) * (sx, sy)) + _nearest(myo, np.argwhere(epi) * (sx, sy))
+            best = max(best, float(local.max()) - (sx + sy) / 2)
+    return best
+
+
+def _touches(a) -> np.ndarray:
+    """(X, Y) bool: voxels with a 4-neighbour in a (outside the array counts as not in a)."""
+    p = np.pad(a, 1)
+    return p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+
+
+def _nearest(p, q) -> np.ndarray:
+    """Distance from each point of p (n, 2) to the nearest point of q (m, 2), brute force in row blocks."""
+    out = np.empty(len(p))
+    rows = max(1, (1 << 20) // len(q))
+    for i in range(0, len(p), rows):
+        out[i:i + rows] = np.sqrt(((p[i:i + rows, None] - q[None]) ** 2).sum(-1).min(axis=1))  # (rows, m) -> (rows,)
+    return out

@@ -8,8 +8,8 @@ The heart is built in polar coordinates about the LV long axis. At depth d below
 end-diastolic base plane and angle theta it has an endocardial radius Rn, an epicardial radius
 Re and an outer RV radius Ro; the RV cavity is Re < r < Ro, a crescent on the septal side.
 Every frame's radii are solved so that the volumes its mask shows (voxel counts at the slice
-centres x voxel volume) meet the drawn clinical values: LV contraction and wall area in closed
-form, the RV scale by bisection, then one correction by the ratio measured on the voxelised mask.
+centres x voxel volume) meet the drawn clinical values, each scale in closed form, then once
+more with the targets corrected by the ratio measured on the voxelised mask.
 The image is bSSFP-like (bright blood, dark myocardium, bright fat) with partial volume over
 the slice thickness, coil shading and Rician noise; the mask is the hard label at voxel centres.
 """
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,18 +50,23 @@ class Vendor:
     gain: float      # stored value of blood
 
 
-VENDORS = {
-    "A": Vendor(0.30, 0.32, 0.40, 0.85, 0.05, 0.020, 0.25, 0.0, (1.35, 1.60), 800.0),  # 1.5 T reference: balanced contrast
-    "B": Vendor(0.40, 0.38, 0.45, 0.75, 0.07, 0.040, 0.45, 0.0, (1.30, 1.45), 900.0),  # low blood-myo contrast, noisy, fine pixels, strong coil falloff
-    "C": Vendor(0.24, 0.28, 0.35, 0.70, 0.04, 0.025, 0.15, 0.7, (1.60, 1.80), 700.0),  # high contrast, coarse pixels, apodised (slightly blurred)
-    "D": Vendor(0.33, 0.35, 0.42, 1.05, 0.06, 0.015, 0.60, 0.0, (1.40, 1.70), 850.0),  # 3 T-like: high SNR, fat brighter than blood, strong shading
+# Gains keep most stored values below 256: gzip then finds the int16 high bytes empty (files ~40 % smaller).
+VENDORS = {  # myo, tissue, liver, fat, lung, noise, shading, blur, pixel (mm), gain
+    # A: 1.5 T reference, balanced contrast and noise
+    "A": Vendor(0.30, 0.32, 0.40, 0.85, 0.05, 0.020, 0.25, 0.0, (1.35, 1.60), 240.0),
+    # B: low blood-myocardium contrast, noisy, fine pixels, strong coil falloff
+    "B": Vendor(0.40, 0.38, 0.45, 0.75, 0.07, 0.040, 0.45, 0.0, (1.30, 1.45), 250.0),
+    # C: high contrast, coarse pixels, k-space apodisation (slightly blurred)
+    "C": Vendor(0.24, 0.28, 0.35, 0.70, 0.04, 0.025, 0.15, 0.7, (1.60, 1.80), 220.0),
+    # D: 3 T-like: high SNR, fat brighter than blood, strong shading
+    "D": Vendor(0.33, 0.35, 0.42, 1.05, 0.06, 0.015, 0.60, 0.0, (1.40, 1.70), 200.0),
 }
 
 # Per ACDC group: LVEDV (mL), LVEF (%), LV mass / LVEDV (g/mL), LV length / radius.
 _GROUPS = {
     "NOR": dict(lvedv=(100, 180), lvef=(55, 75), mass=(0.75, 1.0), sph=(2.6, 3.2)),
-    "DCM": dict(lvedv=(200, 350), lvef=(15, 40), mass=(0.5, 0.7), sph=(1.9, 2.4)),
-    "HCM": dict(lvedv=(80, 150), lvef=(60, 80), mass=(1.6, 2.4), sph=(2.5, 3.0)),
+    "DCM": dict(lvedv=(200, 350), lvef=(15, 40), mass=(0.35, 0.55), sph=(1.9, 2.4)),
+    "HCM": dict(lvedv=(80, 150), lvef=(60, 80), mass=(1.4, 2.2), sph=(2.5, 3.0)),
     "MINF": dict(lvedv=(130, 220), lvef=(30, 50), mass=(0.7, 1.0), sph=(2.3, 2.9)),
     "RV": dict(lvedv=(100, 170), lvef=(55, 70), mass=(0.75, 1.0), sph=(2.6, 3.2)),
 }
@@ -101,58 +107,60 @@ def _window(centre, half, soft=0.35):
     return np.clip((half + soft / 2 - delta) / soft, 0, 1)
 
 
-def _bisect(f, target, lo, hi, iters=30):
-    """x in [lo, hi] with f(x) = target, for increasing f."""
-    for _ in range(iters):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-    return 0.5 * (lo + hi)
+def _rv_scale(ro2, re2, target):
+    """x with sum(max(x^2 ro2 - re2, 0)) = target: piecewise quadratic in x, solved on the segment crossing it."""
+    keep = ro2 > 0
+    ro2, re2 = ro2[keep], re2[keep]
+    order = np.argsort(re2 / ro2)
+    opens, a, b = (re2 / ro2)[order], np.cumsum(ro2[order]), np.cumsum(re2[order])  # x^2 at which each ray opens
+    j = max(int(np.searchsorted(opens * a - b, target)), 1) - 1
+    return float(np.sqrt((target + b[j]) / a[j]))
 
 
 class _Heart:
     """Static shape of one heart (functions of angle on _THETA, lengths in mm) and its slice stack."""
 
     def __init__(self, rng, dx, p, slices):
-        g = _GROUPS[dx]
-        u = rng.uniform
-        self.u0 = u(0.12, 0.25)                    # widest cross-section, as a fraction of the length
-        self.rv_dir = np.pi + 0.5 + u(-0.35, 0.35)  # septum -> RV direction
+        g, u = _GROUPS[dx], rng.uniform
+        self.u0 = u(0.12, 0.25)                      # widest cross-section, as a fraction of the length
+        self.rv_dir = np.pi + 0.5 + u(-0.35, 0.35)   # from the LV axis towards the RV (upper left)
         self.ell = 1 + u(0, 0.08) * np.cos(2 * (_THETA - u(0, np.pi)))
-        wall = 1 + 0.08 * np.cos(_THETA - u(0, 2 * np.pi))
-        self.infarct = np.zeros(N_THETA)
+        self.wall = 1 + 0.08 * np.cos(_THETA - u(0, 2 * np.pi))
+        self.infarct, self.u_scar = np.zeros(N_THETA), u(0.15, 0.45)
         if dx == "HCM":   # asymmetric septal hypertrophy
-            wall = wall + u(0.5, 0.9) * _window(self.rv_dir, u(0.5, 0.8))
-        if dx == "MINF":  # a transmural scar: thinner and akinetic from u_scar to the apex
+            self.wall = self.wall + u(0.5, 0.9) * _window(self.rv_dir, u(0.5, 0.8))
+        if dx == "MINF":  # a transmural scar, thinner and akinetic from u_scar to the apex
             self.infarct = _window(self.rv_dir + np.pi + u(-1.5, 1.5), u(0.5, 0.8))
-            wall = wall * (1 - 0.4 * self.infarct)
-        self.u_scar = u(0.15, 0.45)
-        self.wall = wall
-        self.cap = u(6, 9) * (1.3 if dx == "HCM" else 1.0)           # apical wall (mm)
-        iu = 1 - ((1 - self.u0) ** 3 + self.u0 ** 3) / (3 * (1 - self.u0) ** 2)  # mean p(u)^2
+            self.wall = self.wall * (1 - 0.4 * self.infarct)
+        self.cap = u(6, 9) * (1.3 if dx == "HCM" else 1.0)          # apical wall (mm)
         sph = u(*g["sph"])
-        radius = (p["lvedv"] * 1000 / (np.pi * sph * iu)) ** (1 / 3)
-        self.apex = radius * sph                    # cavity apex depth at ED
-        self.rv_len = u(0.75, 0.9)                  # RV length / LV cavity length
+        mean_p2 = 1 - ((1 - self.u0) ** 3 + self.u0 ** 3) / (3 * (1 - self.u0) ** 2)
+        self.R = (p["lvedv"] * 1000 / (np.pi * sph * mean_p2)) ** (1 / 3)
+        self.apex = self.R * sph                     # cavity apex depth at ED
+        self.rv_len = u(0.75, 0.9)                   # RV length / LV cavity length
         self.descent = u(8, 14) * min(1.0, p["lvef"] / 60)          # base descent at ES (mm)
-        self.rv_wall, self.fat = u(2.5, 4), np.clip(u(0.5, 2) + u(0.5, 1.5, 3) @ np.cos(
-            np.outer(np.arange(1, 4), _THETA) - u(0, 2 * np.pi, (3, 1))), 0, 6)
-        # Slice stack: slice 0 centred just below the base, thickness from length and count.
+        self.rv_wall = u(2.5, 4)
+        harmonics = np.cos(np.arange(1, 4)[:, None] * _THETA - u(0, 2 * np.pi, (3, 1)))   # (3, N_THETA)
+        self.fat = np.clip(u(0.5, 2) + u(0.5, 1.5, 3) @ harmonics, 0, 6)  # epicardial fat thickness (mm)
+        # Slice stack: slice 0 centred just below the base; thickness from the length and the count.
         depth = self.apex + self.cap
-        z = slices
-        if depth / (z - 0.4) > 10:
-            z = min(12, int(np.ceil(depth / 10 + 0.4)))
-        self.sz = float(np.clip(depth / (z - 0.4), 5, 10))
-        self.centres = (np.arange(z) + 0.3) * self.sz
-        # ED scales: the LV radius in closed form (volume ~ R^2), the wall by bisection on the mass.
-        self.R, self.W, self.r0 = radius, 1.0, np.zeros(N_THETA)
-        self.R *= np.sqrt(p["lvedv"] * 1000 / self.volumes(0.0, 1.0, 1.0, 0.0)[0])
-
-        def myo(w):
-            self.W = w
-            return self.volumes(0.0, 1.0, 1.0, 0.0)[1]
-        self.W = _bisect(myo, p["lv_mass"] / MYO_DENSITY * 1000, 0.5, 40)
-        # RV outer wall: far intersection of each ray from the LV axis with an ellipse centred
-        # `dist` towards the RV (the LV axis lies inside it, so there is exactly one).
+        if depth / (slices - 0.4) > 10:
+            slices = min(12, int(np.ceil(depth / 10 + 0.4)))
+        self.sz = float(np.clip(depth / (slices - 0.4), 5, 10))
+        self.centres = (np.arange(slices) + 0.3) * self.sz
+        # ED scales in closed form on the slice-sampled volumes: LV ~ R^2, MYO = A W + B W^2.
+        self.W, self.r0, w = 1.0, np.zeros(N_THETA), 0.5 * _DTHETA * self.sz
+        self.R *= np.sqrt(p["lvedv"] * 1000 / (w * self.shape(self.centres, 0.0)[0] ** 2).sum())
+        _, _, lin, quad, _ = self.shape(self.centres, 0.0)
+        a, b = w * lin.sum(), w * quad.sum()
+        self.W = (-a + np.sqrt(a * a + 4 * b * p["lv_mass"] / MYO_DENSITY * 1000)) / (2 * b)
+        self.mid = (self.centres > 0.2 * self.apex) & (self.centres < 0.8 * self.apex)  # mid-ventricular slices
+        if dx == "HCM":  # ACDC's criterion is a wall of 15 mm or more: raise the mass where the draw falls short
+            rn, re, _ = self.radii(self.shape(self.centres, 0.0), 1.0, 1.0, 0.0)
+            self.W *= max(1.0, 16 / (re - rn)[self.mid].max())     # ED thickness is linear in W
+            p["lv_mass"] = MYO_DENSITY * (a * self.W + b * self.W ** 2) / 1000
+        # RV outer wall: where each ray from the LV axis leaves an ellipse centred `dist` towards
+        # the RV (the axis lies inside it, so once).
         re_mid = self.R + self.W
         dist, along, across = u(0.3, 0.5) * re_mid, u(0.85, 1.1) * re_mid, u(1.25, 1.5) * re_mid
         c, s = np.cos(_THETA - self.rv_dir), np.sin(_THETA - self.rv_dir)
@@ -160,45 +168,38 @@ class _Heart:
         self.r0 = (-qb + np.sqrt(qb ** 2 - 4 * qa * qc)) / (2 * qa)
 
     def shape(self, d, base):
-        """Scale-free pieces at depths d (D,) for base plane `base`, each (D, N_THETA):
-        ED endocardium at the same relative depth, kinetic weight (0 akinetic), wall area term
-        (Re^2 - Rn^2 at unit scale), RV outer radius at unit scale."""
+        """Scale-free pieces at depths d (D,) with the base plane at `base`, each (D, N_THETA):
+        ED endocardium at the same relative depth, kinetic weight (0 = akinetic), the wall
+        terms (Re^2 - Rn^2 at ED = W lin + W^2 quad) and the RV outer radius at unit scale."""
         d = np.asarray(d, dtype=np.float64)[:, None]
         length = self.apex - base
         u = (d - base) / length
         inside = (u >= 0) & (u <= 1)
         ed = self.R * self.ell * np.sqrt(np.clip(1 - ((u - self.u0) / (1 - self.u0)) ** 2, 0, 1)) * inside
         kin = 1 - 0.95 * self.infarct * np.clip((u - self.u_scar) / 0.15, 0, 1)
-        w = self.W * self.wall * (1 - 0.25 * np.clip(u, 0, 1))
+        t = self.wall * (1 - 0.25 * np.clip(u, 0, 1)) * inside   # wall thickness per unit W, thinning to the apex
         cap = np.clip(1 - ((d - self.apex) / self.cap) ** 2, 0, 1) * (d > self.apex)
-        area = ((ed + w) ** 2 - ed ** 2) * inside + (0.75 * self.W * self.wall) ** 2 * cap
         ro = self.r0 * np.sqrt(np.clip(1 - ((d - base) / (self.rv_len * length)) ** 2, 0, 1)) * (d >= base)
-        return ed, kin, area, ro
+        return ed, kin, 2 * ed * t, t ** 2 + (0.75 * self.wall) ** 2 * cap, ro
 
-    @staticmethod
-    def radii(pieces, s, g, srv):
-        """Rn, Re and Ro' = max(Ro, Re) for LV scale s, wall scale g and RV scale srv."""
-        ed, kin, area, ro = pieces
+    def radii(self, pieces, s, g, srv):
+        """Rn, Re and Ro' = max(Ro, Re) for LV scale s, wall-area scale g and RV scale srv."""
+        ed, kin, lin, quad, ro = pieces
         rn = ed * (1 - kin * (1 - s))
-        re = np.sqrt(rn ** 2 + area * (1 + (g - 1) * kin))  # the akinetic segment does not thicken
+        re = np.sqrt(rn ** 2 + (self.W * lin + self.W ** 2 * quad) * (1 + (g - 1) * kin))  # akinetic: no thickening
         return rn, re, np.maximum(srv * ro, re)
 
-    def volumes(self, base, s, g, srv):
-        """LV, MYO, RV volumes (mm^3) the mask will show: areas at the slice centres x thickness."""
-        rn, re, ro = self.radii(self.shape(self.centres, base), s, g, srv)
-        w = 0.5 * _DTHETA * self.sz
-        return w * (rn ** 2).sum(), w * (re ** 2 - rn ** 2).sum(), w * (ro ** 2 - re ** 2).sum()
-
     def solve(self, base, lv, myo, rv):
-        """(s, g, srv) meeting LV, MYO and RV volumes (mm^3) with the base plane at `base`."""
-        ed, kin, area, ro = self.shape(self.centres, base)
-        w = 0.5 * _DTHETA * self.sz * ed ** 2
-        a, b, c = (w * (1 - kin) ** 2).sum(), (w * 2 * (1 - kin) * kin).sum(), (w * kin ** 2).sum()
-        s = max((-b + np.sqrt(max(b * b - 4 * c * (a - lv), 0.0))) / (2 * c), 0.05)  # V(s) is quadratic
-        w = 0.5 * _DTHETA * self.sz * area
-        g = (myo - (w * (1 - kin)).sum()) / (w * kin).sum()                         # V(g) is linear
-        srv = _bisect(lambda x: self.volumes(base, s, g, x)[2], rv, 0.1, 4.0)
-        return s, g, srv
+        """(s, g, srv) whose slice-sampled LV, MYO and RV volumes are lv, myo, rv (mm^3)."""
+        pieces = self.shape(self.centres, base)
+        ed, kin, lin, quad, ro = pieces
+        w = 0.5 * _DTHETA * self.sz                  # volume of one (slice, angle) sector is w r^2
+        a, b, c = ((w * ed ** 2 * f).sum() for f in ((1 - kin) ** 2, 2 * (1 - kin) * kin, kin ** 2))
+        s = max((-b + np.sqrt(max(b * b - 4 * c * (a - lv), 0.0))) / (2 * c), 0.05)  # V_lv = a + b s + c s^2
+        area = w * (self.W * lin + self.W ** 2 * quad)
+        g = (myo - (area * (1 - kin)).sum()) / (area * kin).sum()                  # V_myo is linear in g
+        re = self.radii(pieces, s, g, 0.0)[1]
+        return s, g, _rv_scale(w * ro ** 2, w * re ** 2, rv)
 
 
 def _draw(rng, dx):
@@ -220,41 +221,42 @@ def _smooth(rng, shape, cells):
     """Smooth random field of shape (X, Y, Z): unit noise on a coarse in-plane grid, linearly upsampled."""
     coarse = rng.standard_normal((cells + 1, cells + 1, shape[2]))
     hat = [np.clip(1 - np.abs(np.linspace(0, cells, n)[:, None] - np.arange(cells + 1)), 0, 1) for n in shape[:2]]
-    return np.einsum("xa,yb,abz->xyz", hat[0], hat[1], coarse)  # (X, Y, Z)
+    return np.einsum("xa,yb,abz->xyz", hat[0], hat[1], coarse, optimize=True)  # (X, Y, Z)
 
 
 def _background(rng, v, x, y, c0, heart, reach):
     """Static tissue around the heart, (X, Y, Z): chest wall, fat, lungs, liver, spine, aorta.
 
-    Laid out in a frame that turns with the heart (RV towards upper left, posterior down),
+    Laid out in a frame that turns with the heart (RV towards the upper left, posterior down),
     in mm from the LV axis; `reach` is the heart's extent from that axis towards the RV.
     """
     turn = heart.rv_dir - (np.pi + 0.5)
-    dx, dy = x[:, None] - c0[0], y[None, :] - c0[1]
-    xc, yc = np.cos(turn) * dx + np.sin(turn) * dy, -np.sin(turn) * dx + np.cos(turn) * dy
+    ox, oy = x[:, None] - c0[0], y[None, :] - c0[1]
+    xc, yc = np.cos(turn) * ox + np.sin(turn) * oy, -np.sin(turn) * ox + np.cos(turn) * oy
     px = x[1] - x[0]
 
-    def ellipse(cx, cy, a, b):
-        rho = np.sqrt(((xc - cx) / a) ** 2 + ((yc - cy) / b) ** 2)
-        return np.clip(0.5 + (1 - rho) * min(a, b) / px, 0, 1)
+    def ellipse(cx, cy, a, b):  # soft occupancy, edges about a pixel wide
+        return np.clip(0.5 + (1 - np.sqrt(((xc - cx) / a) ** 2 + ((yc - cy) / b) ** 2)) * min(a, b) / px, 0, 1)
 
     u, re = rng.uniform, heart.R + heart.W
-    mix = 0.5 * (v.fat + v.tissue)
+    mix = 0.5 * (v.fat + v.tissue)    # mediastinal fat and connective tissue
     a, b, subcut = u(150, 185), u(105, 125), u(8, 20)
+    thorax = ellipse(-10, 40, a - subcut - 12, b - subcut - 12)
     img = np.zeros_like(xc)
-    for layer, value in ((ellipse(-10, 40, a, b), v.fat), (ellipse(-10, 40, a - subcut, b - subcut), v.tissue),
-                         (ellipse(-10, 45, a - subcut - 12, b - subcut - 12), v.lung),
-                         (ellipse(0, re + 55, 38, 30), v.tissue), (ellipse(0, re + 50, 17, 15), mix),
-                         (ellipse(0, re + 77, 7, 7), 0.9), (ellipse(28, re + 28, 12, 12), 1.0)):
+    for layer, value in ((ellipse(-10, 35, a, b), v.fat), (ellipse(-10, 35, a - subcut, b - subcut), v.tissue),
+                         (thorax, mix), (thorax * ellipse(re + u(35, 50), 5, 48, 85), v.lung),
+                         (thorax * ellipse(-reach - u(30, 45), 15, 50, 90), v.lung),
+                         (ellipse(0, re + 62, 45, 28), v.tissue), (ellipse(0, re + 52, 17, 15), mix),
+                         (ellipse(0, re + 78, 7, 7), 0.9), (ellipse(30, re + 26, 12, 12), 1.0)):
         img += (value - img) * layer
-    mid = (reach - re) / 2  # the mediastinum hugs the heart, keeping the lungs off it
-    mediastinum = ellipse(-0.88 * mid, -0.48 * mid, (reach + re) / 2 + 10, 0.8 * (reach + re) / 2 + 10)
     out = np.empty(x.shape + y.shape + heart.centres.shape, dtype=np.float32)
-    for k, d in enumerate(heart.centres):  # the liver rises into the apical slices
-        grow = np.clip(1.4 * d / (heart.apex + heart.cap) - 0.3, 0.01, 1)
-        sl = img + (v.liver - img) * ellipse(-45, 80 + re, 95 * grow, 70 * grow)
-        out[..., k] = sl + (mix - sl) * mediastinum
-    return out * (1 + 0.05 * _smooth(rng, out.shape, 6)).astype(np.float32)
+    for k, depth in enumerate(heart.centres / (heart.apex + heart.cap)):
+        grow = np.clip(1.4 * depth - 0.3, 0.01, 1)  # the liver rises into the apical slices
+        sl = img + (v.liver - img) * ellipse(-55, re + 70, 100 * grow, 75 * grow)
+        half = (reach + re) / 2 * np.sqrt(np.clip(1.1 - depth ** 2, 0.15, 1))  # the mediastinum hugs the heart
+        around = ellipse(-0.88 * (reach - re) / 2, -0.48 * (reach - re) / 2, half + 5, 0.8 * half + 5)
+        out[..., k] = sl + (mix - sl) * around
+    return out * (1 + 0.06 * _smooth(rng, out.shape, 8)).astype(np.float32)
 
 
 def _shading(rng, v, x, y, c0):
@@ -270,59 +272,84 @@ def _shading(rng, v, x, y, c0):
 
 
 def _blur(a, sigma):
-    """In-place 3-tap Gaussian blur along X and Y of an (X, Y, ...) array (edges replicated)."""
+    """3-tap Gaussian blur along X and Y of an (X, Y, ...) array, edges replicated."""
     w = np.exp(-0.5 / sigma ** 2)
-    w = w / (1 + 2 * w)
+    w = np.float32(w / (1 + 2 * w))
     for axis in (0, 1):
-        b = np.swapaxes(a, 0, axis)
-        lo, hi = b[:-1].copy(), b[1:].copy()
-        b *= 1 - 2 * w
-        b[1:] += w * lo
-        b[:-1] += w * hi
-        b[0] += w * lo[0]
-        b[-1] += w * hi[-1]
+        a = np.moveaxis(a, axis, 0)
+        out = a * (1 - 2 * w)
+        out[1:] += w * a[:-1]
+        out[:-1] += w * a[1:]
+        out[0] += w * a[0]
+        out[-1] += w * a[-1]
+        a = np.moveaxis(out, 0, axis)
     return a
 
 
-def _polar(d, axis_at, xs, ys):
-    """Polar coordinates about the LV axis of the box pixels at depths d (D,): radius (mm) and the
-    flat index of (row, angle) into (D, N_THETA) tables, each (D, BX, BY); offsets (D, BX, 1), (D, 1, BY)."""
+def _polar(d, axis_at, xs, ys, px):
+    """Pixel-unit polar coordinates about the LV axis, at depths d (D,), of the pixels at xs, ys (P,) mm:
+    radius (D, P), flat index of (depth, angle) into (D, N_THETA) tables (D, P), offsets (D, P)."""
     cx, cy = axis_at(d)
-    ox = (xs[None, :, None] - cx[:, None, None]).astype(np.float32)   # (D, BX, 1)
-    oy = (ys[None, None, :] - cy[:, None, None]).astype(np.float32)   # (D, 1, BY)
-    turn = np.round(np.arctan2(oy, ox) * (N_THETA / (2 * np.pi))).astype(np.int64) % N_THETA
-    return np.sqrt(ox ** 2 + oy ** 2), turn + N_THETA * np.arange(len(d))[:, None, None], ox, oy
+    ox = ((xs[None, :] - cx[:, None]) / px).astype(np.float32)   # (D, P)
+    oy = ((ys[None, :] - cy[:, None]) / px).astype(np.float32)
+    turn = np.round(np.arctan2(oy, ox) / _DTHETA).astype(np.int64) % N_THETA
+    return np.sqrt(ox ** 2 + oy ** 2), turn + N_THETA * np.arange(len(d))[:, None], ox, oy
 
 
-def _labels(polar, tables):
-    """Hard labels (D, BX, BY) at the pixel centres: nested radii Rn <= Re <= Ro' give 3, 2, 1."""
+def _labels(polar, tables, px):
+    """Hard labels (D, P) at the pixel centres: nested radii Rn <= Re <= Ro' give 3, 2, 1."""
     r, flat = polar[:2]
-    rn, re, ro = (np.take(t, flat) for t in tables)
+    rn, re, ro = (np.take((t / px).astype(np.float32), flat) for t in tables)
     return (r < ro).astype(np.uint8) + (r < re) + (r < rn)
 
 
-def _render(heart, v, d, base, state, polar, bg, px):
-    """Noise-free heart over the background at the sub-slice depths d (2Z,), averaged per slice -> (Z, BX, BY)."""
-    r, flat, ox, oy = polar
-    rn, re, ro = heart.radii(heart.shape(d, base), *state)
-    atrium = d < base  # above the valve plane: atrial blood and a thin wall, unlabelled
+def _slab(top, bottom):
+    """Occupancy of a thick slice from R - r (pixels) at its top and bottom faces: the pixel-wide
+    edge ramp clip(0.5 + R - r, 0, 1) averaged through the slice, R varying linearly (exact)."""
+    def integral(e):  # antiderivative of the ramp
+        return np.square(np.clip(e, -0.5, 0.5) + 0.5) * 0.5 + np.maximum(e - 0.5, 0)
+    step = bottom - top
+    flat = np.abs(step) < 1e-2
+    mean = (integral(bottom) - integral(top)) / np.where(flat, 1, step)
+    return np.where(flat, np.clip(0.5 + 0.5 * (top + bottom), 0, 1), mean)
+
+
+def _render(heart, v, faces, base, state, polar, centre, bg, px):
+    """Noise-free slices (Z, P): the heart, from its radii at the slices' faces (2Z,), over the background."""
+    r, flat = polar[:2]
+    rn, re, ro = heart.radii(heart.shape(faces, base), *state)
+    atrium = faces < base  # above the valve plane: atrial blood and a thin wall, unlabelled
     if atrium.any():
         rn[atrium] = 0.9 * heart.R * heart.ell * np.sqrt(1 - (heart.u0 / (1 - heart.u0)) ** 2)
         re[atrium] = rn[atrium] + 2
         ro[atrium] = np.maximum(0.9 * state[2] * heart.r0, re[atrium])
     rw = ro + heart.rv_wall * np.clip((ro - re) / 3, 0, 1)  # RV free wall: myocardial signal, not MYO
     rf = rw + heart.fat * np.clip(rw / 5, 0, 1)             # epicardial fat
-    o_n, o_e, o_o, o_w, o_f = (np.clip(0.5 + (np.take(t, flat) - r) / px, 0, 1) for t in (rn, re, ro, rw, rf))
-    # Papillary muscles: dark disks inside the cavity (labelled LV, as in ACDC).
+
+    def occupancy(table):
+        e = np.take((table / px).astype(np.float32), flat) - r   # (2Z, P): R - r on both faces
+        return _slab(e[0::2], e[1::2])
+    o_n, o_e, o_o, o_w, o_f = map(occupancy, (rn, re, ro, rw, rf))
+    # Papillary muscles: dark disks in the cavity at mid-ventricular levels (labelled LV, as in ACDC).
+    d = 0.5 * (faces[0::2] + faces[1::2])
     u = (d - base) / (heart.apex - base)
-    size = (0.11 * heart.R * np.clip(np.minimum(u - 0.25, 0.8 - u) / 0.1, 0, 1)).astype(np.float32)[:, None, None]
-    pap = 0.0
-    for angle in heart.rv_dir + np.pi + np.array([-0.75, 0.75]):
-        pos = 0.6 * rn[:, int(round(angle / _DTHETA)) % N_THETA].astype(np.float32)[:, None, None]
-        dist = np.sqrt((ox - pos * np.cos(angle)) ** 2 + (oy - pos * np.sin(angle)) ** 2)
-        pap = np.maximum(pap, np.clip(0.5 + (size - dist) / px, 0, 1))
-    img = bg + (v.fat - bg) * o_f + (v.myo - v.fat) * o_w + (1 - v.myo) * (o_o - o_e + o_n * (1 - pap))
-    return img.reshape(-1, 2, *img.shape[1:]).mean(1)  # (Z, 2, BX, BY) -> (Z, BX, BY)
+    size = 0.11 * heart.R / px * np.clip(np.minimum(u - 0.25, 0.8 - u) / 0.1, 0, 1)
+    rows, (_, _, ox, oy) = np.flatnonzero(size > 0), centre
+    if rows.size:
+        rn_mid = heart.radii(heart.shape(d[rows], base), *state)[0]
+        pap = 0.0
+        for angle in heart.rv_dir + np.pi + np.array([-0.75, 0.75]):
+            pos = (0.6 / px * rn_mid[:, int(round(angle / _DTHETA)) % N_THETA]).astype(np.float32)[:, None]
+            dist = np.sqrt((ox[rows] - pos * np.cos(angle)) ** 2 + (oy[rows] - pos * np.sin(angle)) ** 2)
+            pap = np.maximum(pap, np.clip(size[rows, None].astype(np.float32) + 0.5 - dist, 0, 1))
+        o_n[rows] *= 1 - pap
+    img = o_o - o_e
+    img += o_n
+    img *= 1 - v.myo
+    img += (v.myo - v.fat) * o_w
+    img += v.fat * o_f
+    img += bg * (1 - o_f)
+    return img
 
 
 def _affine(rng, spacing, shape):
@@ -346,6 +373,35 @@ def _check(dx, vendor):
         raise UserError(f"unknown vendor {vendor!r} (expected one of {', '.join(VENDORS)} or mixed)")
 
 
+def _motion(rng, dx, p, heart, n_t):
+    """ES frame and per-frame LV, MYO, RV volumes (mm^3) and base descent (mm) over one cycle."""
+    u = rng.uniform
+    es = max(1, int(round(u(0.30, 0.40) * n_t)))
+    fill = u(0.4, 0.6) if dx in ("DCM", "HCM") else u(0.65, 0.8)  # impaired relaxation leans on the atrial kick
+    curve = _cycle(np.arange(n_t) / n_t, es / n_t, es / n_t + u(0.12, 0.2), u(0.8, 0.88), fill, fill + u(0.05, 0.1))
+    lv = (p["lvesv"] + (p["lvedv"] - p["lvesv"]) * curve) * 1000
+    rv = (p["rvesv"] + (p["rvedv"] - p["rvesv"]) * curve) * 1000
+    return es, lv, np.full(n_t, p["lv_mass"] / MYO_DENSITY * 1000), rv, heart.descent * (1 - curve)
+
+
+def _acquire(rng, v, image, shading):
+    """Coil shading, Rician noise (magnitude of complex Gaussian), apodisation; stored values, rounded."""
+    image *= shading[..., None, None]
+    # Real and imaginary noise are two windows of one buffer, far apart: independent per voxel, half the draws.
+    shift = int(rng.integers(10_000, 20_000))
+    draws = rng.standard_normal(image.size + shift, dtype=np.float32)
+    draws *= np.float32(v.noise)
+    image += draws[:image.size].reshape(image.shape)
+    image *= image
+    imag = draws[shift:].reshape(image.shape)
+    image += imag * imag
+    np.sqrt(image, out=image)
+    if v.blur:  # on the magnitude: one pass instead of three, and indistinguishable
+        image = _blur(image, v.blur)
+    image *= np.float32(v.gain)
+    return np.rint(image, out=image)
+
+
 def simulate(rng, dx, vendor, frames=None, matrix=None) -> PhantomCase:
     """One subject of diagnosis dx in vendor's style; frames / matrix override the drawn T / X."""
     _check(dx, vendor)
@@ -355,66 +411,58 @@ def simulate(rng, dx, vendor, frames=None, matrix=None) -> PhantomCase:
     p = _draw(rng, dx)
     n_t, heart_rate = int(frames or rng.integers(20, 36)), u(50, 95)
     heart = _Heart(rng, dx, p, int(rng.integers(8, 13)))
-    es = max(1, int(round(u(0.30, 0.40) * n_t)))
-    fill = u(0.4, 0.6) if dx in ("DCM", "HCM") else u(0.65, 0.8)  # impaired relaxation leans on the atrial kick
-    curve = _cycle(np.arange(n_t) / n_t, es / n_t, es / n_t + u(0.12, 0.2), u(0.8, 0.88), fill, fill + u(0.05, 0.1))
-    lv = (p["lvesv"] + (p["lvedv"] - p["lvesv"]) * curve) * 1000     # mm^3 per frame
-    rv = (p["rvesv"] + (p["rvedv"] - p["rvesv"]) * curve) * 1000
-    myo = p["lv_mass"] / MYO_DENSITY * 1000
-    bases = heart.descent * (1 - curve)
-    states = [heart.solve(b, lv[t], myo, rv[t]) for t, b in enumerate(bases)]
+    es, lv, myo, rv, bases = _motion(rng, dx, p, heart, n_t)
+    states = [heart.solve(*frame) for frame in zip(bases, lv, myo, rv)]
 
-    # In-plane grid (mm from the image centre), heart placed near the centre with a tilted axis.
-    fov, px = u(200, 260), u(*v.pixel)
-    n_x = int(matrix) if matrix else int(np.clip(round(fov / px), 128, 176))
+    # In-plane grid (mm from the image centre); the FOV stays when a matrix is imposed.
+    # A cardiac FOV (180-230 mm read-out, 75-90 % phase): most of what is written is noise, so every
+    # voxel outside the chest costs disk without teaching anything.
+    fov, px = u(180, 230), u(*v.pixel)
+    n_x = int(matrix) if matrix else int(np.clip(round(fov / px), 112, 160))
     px = fov / n_x if matrix else px
-    n_y = int(round(n_x * u(0.8, 0.95)))
+    n_y = int(round(n_x * u(0.75, 0.9)))
     x, y = (np.arange(n_x) - (n_x - 1) / 2) * px, (np.arange(n_y) - (n_y - 1) / 2) * px
+    # The heart near the centre, its axis slightly tilted to the slice normal.
     ed_tables = heart.radii(heart.shape(heart.centres, 0.0), *states[0])
     reach, re_max = max(s[2] for s in states) * heart.r0.max(), float(ed_tables[1].max())
-    toward_rv = np.array([np.cos(heart.rv_dir), np.sin(heart.rv_dir)])
-    c0 = -0.5 * (reach - re_max) * toward_rv + u(-0.06, 0.06, 2) * np.array([n_x, n_y]) * px
+    c0 = -0.5 * (reach - re_max) * np.array([np.cos(heart.rv_dir), np.sin(heart.rv_dir)]) \
+        + u(-0.06, 0.06, 2) * np.array([n_x, n_y]) * px
     tilt, mid = u(0, 0.12) * np.array([np.cos(a := u(0, 2 * np.pi)), np.sin(a)]), heart.centres.mean()
 
     def axis_at(d):
         return c0[0] + tilt[0] * (d - mid), c0[1] + tilt[1] * (d - mid)
-    ext = 1.05 * max(reach, re_max) + heart.rv_wall + 6 + 2 * px + np.hypot(*tilt) * (mid + heart.sz)
-    box = [np.flatnonzero(np.abs(g - c) <= ext) for g, c in ((x, c0[0]), (y, c0[1]))]
-    (x0, x1), (y0, y1) = ((b[0], b[-1] + 1) for b in box)
+    # The pixels the heart may cover in any frame: inside its outline about the axis, padded for the tilt.
+    outline = 1.05 * np.maximum(max(s[2] for s in states) * heart.r0, re_max) + heart.rv_wall + 6 + 2 * px
+    gx, gy = np.meshgrid(x - c0[0], y - c0[1], indexing="ij")                 # (X, Y)
+    near = np.hypot(gx, gy) <= outline[np.round(np.arctan2(gy, gx) / _DTHETA).astype(int) % N_THETA] \
+        + np.hypot(*tilt) * (mid + heart.sz)
+    ix, iy = np.nonzero(near)                                                  # (P,), (P,)
 
     bg = _background(rng, v, x, y, c0, heart, reach)
     image = np.repeat(bg[..., None], n_t, axis=3)                           # (X, Y, Z, T)
     mask = np.zeros(image.shape, dtype=np.uint8)
-    soft_d = (heart.centres[:, None] + np.array([-0.25, 0.25]) * heart.sz).ravel()  # (2Z,) sub-slice depths
-    soft = _polar(soft_d, axis_at, x[x0:x1], y[y0:y1])
-    centre = _polar(heart.centres, axis_at, x[x0:x1], y[y0:y1])
-    bg_rows = np.repeat(bg[x0:x1, y0:y1].transpose(2, 0, 1), 2, axis=0)    # (2Z, BX, BY)
+    faces = (heart.centres[:, None] + np.array([-0.5, 0.5]) * heart.sz).ravel()  # (2Z,) top, bottom of each slice
+    soft = _polar(faces, axis_at, x[ix], y[iy], px)
+    centre = _polar(heart.centres, axis_at, x[ix], y[iy], px)
+    bg_near = bg[ix, iy].T                                                     # (Z, P)
     voxel = px * px * heart.sz
     for t, base in enumerate(bases):
-        # Pixel sampling shifts the counts a little: correct the targets once by measured / analytic.
-        counts = np.bincount(_labels(centre, heart.radii(heart.shape(heart.centres, base), *states[t])).ravel(),
-                             minlength=4) * voxel
-        state = heart.solve(base, *(a * a / max(m, voxel) for a, m in zip((lv[t], myo, rv[t]), counts[[3, 2, 1]])))
-        mask[x0:x1, y0:y1, :, t] = _labels(centre, heart.radii(heart.shape(heart.centres, base), *state)).transpose(1, 2, 0)
-        image[x0:x1, y0:y1, :, t] = _render(heart, v, soft_d, base, state, soft, bg_rows, px).transpose(1, 2, 0)
+        # Pixel sampling shifts the counts a little: correct the targets once by analytic / measured.
+        pieces = heart.shape(heart.centres, base)
+        counts = np.bincount(_labels(centre, heart.radii(pieces, *states[t]), px).ravel(), minlength=4) * voxel
+        targets = (lv[t], myo[t], rv[t])
+        state = heart.solve(base, *(a * a / max(m, voxel) for a, m in zip(targets, counts[[3, 2, 1]])))
+        mask[ix, iy, :, t] = _labels(centre, heart.radii(pieces, *state), px).T
+        image[ix, iy, :, t] = _render(heart, v, faces, base, state, soft, centre, bg_near, px).T
+    image = _acquire(rng, v, image, _shading(rng, v, x, y, c0))
 
-    # Acquisition: coil shading, k-space apodisation, Rician noise (magnitude of complex Gaussian).
-    image *= _shading(rng, v, x, y, c0)[..., None, None]
-    noise = [rng.standard_normal(image.shape, dtype=np.float32) * np.float32(v.noise) for _ in range(2)]
-    if v.blur:
-        for a in (image, *noise):
-            _blur(a, v.blur)
-    image += noise[0]
-    image = np.round(np.sqrt(image * image + noise[1] * noise[1]) * v.gain)
-
-    rn, re = ed_tables[:2]
-    rows = (heart.centres > 0.2 * heart.apex) & (heart.centres < 0.8 * heart.apex)
-    wall = (re - rn)[rows]
+    wall = (ed_tables[1] - ed_tables[0])[heart.mid]
     p.update(es=es, frames=n_t, heart_rate=heart_rate, rr_ms=60000 / heart_rate, slices=len(heart.centres),
              slice_mm=heart.sz, pixel_mm=px, wall_mm=float(wall.mean()), wall_max_mm=float(wall.max()))
     spacing = (px, px, heart.sz)
-    return PhantomCase(image.astype(np.float32), mask, spacing, 60000 / heart_rate / n_t, 0, es, dx, vendor,
-                       _affine(rng, spacing, image.shape), {k: float(val) for k, val in p.items()})
+    return PhantomCase(image, mask, spacing, 60000 / heart_rate / n_t, 0, es, dx, vendor,
+                       _affine(rng, spacing, image.shape),
+                       {k: val if isinstance(val, int) else float(val) for k, val in p.items()})
 
 
 def _files(sid, es):
@@ -439,17 +487,18 @@ def _write_subject(folder, case, seed):
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        cine, frame = nifti.Geometry(case.affine, case.spacing, case.frame_ms), nifti.Geometry(case.affine, case.spacing, None)
+        cycle, frame = (nifti.Geometry(case.affine, case.spacing, ms) for ms in (case.frame_ms, None))
         image = case.image.astype(np.int16)
-        nifti.write(tmp / f"{sid}_4d.nii.gz", image, cine)
-        nifti.write(tmp / f"{sid}_4d_gt.nii.gz", case.mask, cine, kind="mask")
+        nifti.write(tmp / f"{sid}_4d.nii.gz", image, cycle)
+        nifti.write(tmp / f"{sid}_4d_gt.nii.gz", case.mask, cycle, kind="mask")
         for t in (case.ed, case.es):
             nifti.write(tmp / f"{sid}_frame{t + 1:02d}.nii.gz", image[..., t], frame)
             nifti.write(tmp / f"{sid}_frame{t + 1:02d}_gt.nii.gz", case.mask[..., t], frame, kind="mask")
         p = case.params
-        (tmp / "Info.cfg").write_text(f"ED: {case.ed + 1}\nES: {case.es + 1}\nGroup: {case.dx}\nHeight: {p['height']:.1f}\n"
-                                      f"NbFrame: {image.shape[3]}\nWeight: {p['weight']:.1f}\nVendor: {case.vendor}\nSeed: {seed}\n")
-        (tmp / "params.json").write_text(json.dumps({"dx": case.dx, "vendor": case.vendor, "seed": seed, **p}, indent=1))
+        (tmp / "Info.cfg").write_text(
+            f"ED: {case.ed + 1}\nES: {case.es + 1}\nGroup: {case.dx}\nHeight: {p['height']:.1f}\n"
+            f"NbFrame: {image.shape[3]}\nWeight: {p['weight']:.1f}\nVendor: {case.vendor}\nSeed: {seed}\n")
+        (tmp / "params.json").write_text(json.dumps({"dx": case.dx, "vendor": case.vendor, "seed": seed, **p}))
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
@@ -458,13 +507,15 @@ def _write_subject(folder, case, seed):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_phantom(out, n, seed, dx="mixed", vendor="mixed", overwrite=False, progress=True, frames=None, matrix=None):
-    """Write n phantom subjects to out in ACDC layout; yields each subject's folder once it is complete.
+def write_phantom(out, n, seed, dx="mixed", vendor="mixed", overwrite=False, progress=True, frames=None,
+                  matrix=None, workers=None):
+    """Write n phantom subjects to out in ACDC layout; yields each subject's folder, in order, once complete.
 
     Subject i (patient{i+1:03d}) draws from its own generator seeded with (seed, i), so it is
-    the same alone or in any batch. "mixed" cycles diagnoses (5) and vendors (4) together,
-    so every pairing occurs once in 20 subjects. A complete existing subject is kept unless
-    overwrite; an incomplete one is rewritten.
+    the same alone or in any batch. "mixed" cycles diagnoses (5) and vendors (4) together, so
+    every pairing occurs once in 20 subjects. A complete existing subject is kept unless
+    overwrite; an incomplete one is rewritten. Subjects are made on `workers` threads (numpy
+    and zlib release the GIL; default: the CPU count, at most 4).
     """
     if seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed}")
@@ -472,10 +523,17 @@ def write_phantom(out, n, seed, dx="mixed", vendor="mixed", overwrite=False, pro
     _check(DIAGNOSES[0] if dx == "mixed" else dx, names[0] if vendor == "mixed" else vendor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(n), desc="phantom", unit="subject", file=sys.stderr, disable=not progress):
+
+    def make(i):
         folder = out / f"patient{i + 1:03d}"
         if overwrite or not _complete(folder):
             case = simulate(np.random.default_rng([seed, i]), DIAGNOSES[i % 5] if dx == "mixed" else dx,
                             names[i % 4] if vendor == "mixed" else vendor, frames=frames, matrix=matrix)
             _write_subject(folder, case, seed)
-        yield folder
+        return folder
+    pool = ThreadPoolExecutor(workers or max(1, min(n, os.cpu_count() or 1, 4)))
+    try:
+        yield from tqdm(pool.map(make, range(n)), total=n, desc="phantom", unit="subject", file=sys.stderr,
+                        disable=not progress)
+    finally:
+        pool.shutdown(cancel_futures=True)

@@ -69,15 +69,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour upsampling by `factor` per axis, then a 3x3x3 conv (no checkerboard artefacts)."""
+    """Transposed conv with kernel = stride = `factor` per axis.
+
+    Non-overlapping kernels leave no checkerboard, and it costs what a 1x1x1 conv at the output
+    resolution costs: nearest + 3x3x3 conv, the usual choice, was half of the VAE decoder's FLOPs.
+    """
 
     def __init__(self, ch: int, factor=(2, 2, 1)):
         super().__init__()
-        self.factor = tuple(float(f) for f in factor)
-        self.conv = conv3(ch, ch)
+        self.conv = nn.ConvTranspose3d(ch, ch, kernel_size=tuple(factor), stride=tuple(factor))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=self.factor, mode="nearest"))
+        return self.conv(x)
 
 
 class Attention(nn.Module):

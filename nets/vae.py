@@ -57,7 +57,7 @@ class Encoder(nn.Module):
                 ch = width
             if i < len(w) - 1:
                 layers.append(Downsample(ch, (2, 2, 1)))
-        # No self-attention: at the lowest level the cpu grid still has 14 x 14 x 12 positions,
+        # No self-attention: at the lowest level the cpu grid still has 16 x 16 x 12 positions,
         # where attention costs more than the whole encoder; one more block mixes context instead.
         layers.append(ResBlock(ch, ch))
         self.body = nn.Sequential(*layers)

@@ -162,13 +162,15 @@ def test_select_device():
 
 
 def test_run_log_writes_window_means(tmp_path):
-    log = RunLog(tmp_path, total_steps=4, every=2)
+    log = RunLog(tmp_path, total_steps=5, every=2)
     for step, loss in enumerate([1.0, 3.0, 5.0, 7.0]):
         log.step(step, {"loss": loss}, lr=1e-3)
     log.buckets(3, {"t0-499": 0.2})
     log.eval(4, {"psnr": 30.0})
-    log.close()
+    log.step(4, {"loss": 9.0}, lr=1e-3)
+    log.close()  # flushes the unfinished window
     lines = (tmp_path / "log.txt").read_text().splitlines()
     assert lines[0].startswith("step 2 loss 2 ") and lines[1].startswith("step 4 loss 6 ")
     assert "buckets t0-499 0.2" in lines[2] and json.loads(lines[3].split(" eval ")[1]) == {"psnr": 30.0}
+    assert lines[4].startswith("step 5 loss 9 ") and len(lines) == 5
     assert math.isfinite(float(lines[0].split("steps/s ")[1]))

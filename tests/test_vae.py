@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import train.vae as tv
 import weights
 from cine import UserError, nifti
+from cine.prep import prepare_dataset
 from nets.config import VAEConfig, get_preset
 from nets.vae import VAE, DiagonalGaussian
 from synth4d import cli
@@ -17,6 +18,15 @@ from train.common import save_checkpoint
 from train.segment import segment
 
 TINY = get_preset("tiny")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from a second thread, and on a busy machine they lose a lot."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +121,8 @@ def test_checkpoint_rebuilds_identical_model(tmp_path):
 
 def test_resume_equals_uninterrupted(phantom, tmp_path, monkeypatch):
     run = dict(preset="tiny", steps=6, batch_size=2, eval_every=3, cache=tmp_path / "cache")
+    # Fill the cache first: cine.prep stores images as float16, so a fresh preparation differs from a cached one.
+    prepare_dataset(phantom, TINY.grid, cache_dir=tmp_path / "cache", progress=False)
     tv.train_vae(phantom, tmp_path / "a", **run)
 
     real = tv.lr_at

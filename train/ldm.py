@@ -87,7 +87,8 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     task.fit(train)
 
     torch.manual_seed(run["seed"])
-    model = UNet(cfg).to(dev)
+    # channels_last_3d: on the CPU, conv3d's weight gradient is several times faster in this layout.
+    model = UNet(cfg).to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
     sched = make_schedule(SCHEDULE)
@@ -118,10 +119,12 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         cond = model.drop_conditions(cond, P_DROP_ALL, P_DROP_EACH, generator=sampler.generator)
         t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=sampler.generator)
         eps = sampler.normal(*x0.shape)
-        x0, eps, t, ctx = x0.to(dev), eps.to(dev), t.to(dev), None if ctx is None else ctx.to(dev)
+        x0, eps, t = x0.to(dev), eps.to(dev), t.to(dev)
+        ctx = None if ctx is None else ctx.to(dev, memory_format=torch.channels_last_3d)
         cond = {k: v.to(dev) for k, v in cond.items()}
         with autocast(dev):
-            pred = model(q_sample(x0, t, eps, sched), t, cond, ctx=ctx, frames=frames)
+            x_t = q_sample(x0, t, eps, sched).contiguous(memory_format=torch.channels_last_3d)
+            pred = model(x_t, t, cond, ctx=ctx, frames=frames)
         per_sample = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED)             # (B,)
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)

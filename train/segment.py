@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import weights as shipped
-from cine import UserError
+from cine import DataError, UserError
 from cine.measures import ejection_fraction, volume_curve
 from cine.nifti import read, write
 from cine.prep import prepare_image, to_source
@@ -62,6 +62,8 @@ def segment(image, out, weights=None, device="cpu", overwrite=False):
         raise UserError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
                         "pass --overwrite to replace")
     model, meta = load_vae(path, device)
+    if "grid" not in meta:
+        raise DataError(path, "VAE checkpoint lacks its training grid; use one written by synth4d train-vae")
     dev = next(model.parameters()).device
     for src_path, dest in plan:
         cine, geom = read(src_path, ndim=4)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cine import LABELS, UserError
+from cine import LABELS, DataError, UserError
 from nets.config import GridConfig, VAEConfig, get_preset
 from nets.vae import VAE
 from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load_checkpoint, load_state,
@@ -68,7 +68,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     labelled = [(s, t) for s, subj in enumerate(train) for t in sorted(subj.masks)]
 
     torch.manual_seed(seed)
-    model = VAE(p.vae).to(dev)
+    # channels_last_3d: on the CPU, conv3d's weight gradient is several times faster in this layout.
+    model = VAE(p.vae).to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
     sampler = FrameSampler(seed)
@@ -91,6 +92,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         for group in opt.param_groups:
             group["lr"] = lr_now
         x, target, mask, label_w, zmask = (t.to(dev) for t in _batch(train, frames, labelled, sampler, bs))
+        x = x.to(memory_format=torch.channels_last_3d)
         with autocast(dev):
             image, logits, posterior = model(x)
         losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask)
@@ -250,8 +252,6 @@ def latent_scale(model, subjects, device, n_frames: int = SCALE_FRAMES) -> float
 
 def load_vae(path, device="cpu") -> tuple[VAE, dict]:
     """Rebuild the VAE from a checkpoint file alone -> (model in eval mode on device, metadata)."""
-    from cine import DataError
-
     state, config, meta = load_checkpoint(path, stage="vae")
     try:
         model = VAE(config_from_dict(VAEConfig, config))

@@ -1,0 +1,230 @@
+"""`synth4d eval`: diagnosis criteria, wall thickness, controllability, coherence, reconstruction, FVD and the CLI."""
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cine import UserError, nifti
+from cine.datasets import scan
+from cine.diagnosis import LV_DILATED, meets
+from cine.measures import wall_thickness
+from cine.metrics import components_per_slice, temporal_smoothness
+from nets.config import GridConfig, get_preset
+from nets.i3d import I3DFeatures, InceptionI3d
+from nets.vae import VAE
+from synth4d import cli
+from train.common import save_checkpoint
+from train.evaluate import controllability, cycle_frames, evaluate, fvd_report, _manifest
+
+PX, SLICE, Z, N = 3.0, 10.0, 4, 48          # fake generated set: 3 mm pixels, 4 slices of 10 mm, 48 x 48
+VOXEL_ML = PX * PX * SLICE / 1000
+PRIORS = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass")
+# Per subject: requested group, LV radius (px) at frames 0 (ED), 1 (ES), 2; RV box length (px) at the same frames.
+FAKE = [("DCM", (14, 12.5, 13), (30, 22, 26)), ("NOR", (9, 5.5, 7), (30, 15, 22)),
+        ("MINF", (10, 6, 8), (28, 14, 20)), ("", (11, 7, 9), (26, 12, 20))]
+
+
+def _fake_subject(lv_radii, rv_lengths):
+    """(X, Y, Z, T) mask: an LV disk, a 3-px MYO ring around it, a 5-px wide RV box; and an image of it."""
+    x, y = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
+    r = np.hypot(x - 24, y - 24)
+    mask = np.zeros((N, N, Z, len(lv_radii)), np.uint8)
+    for t, (radius, length) in enumerate(zip(lv_radii, rv_lengths)):
+        m = np.zeros((N, N), np.uint8)
+        m[r <= radius + 3], m[r <= radius] = 2, 3
+        m[1:6, 4:4 + length] = 1
+        mask[..., t] = m[..., None]
+    image = np.choose(mask, [100, 800, 300, 900]).astype(np.int16)
+    return image + np.random.default_rng(0).integers(0, 30, image.shape).astype(np.int16), mask
+
+
+def _counted(mask):
+    """Clinical measures from voxel counts, by hand (frame 1 is ES by construction)."""
+    ml = lambda t, label: float((mask[..., t] == label).sum()) * VOXEL_ML  # noqa: E731
+    m = {"lvedv": ml(0, 3), "lvesv": ml(1, 3), "rvedv": ml(0, 1), "rvesv": ml(1, 1), "lv_mass": ml(0, 2) * 1.05}
+    m["lvef"], m["rvef"] = 100 * (1 - m["lvesv"] / m["lvedv"]), 100 * (1 - m["rvesv"] / m["rvedv"])
+    return m
+
+
+@pytest.fixture(scope="module")
+def fake_set(tmp_path_factory):
+    """A generated set as `synth4d generate` writes it (flat layout) with requested = measured + known offsets."""
+    root = tmp_path_factory.mktemp("generated")
+    geom = nifti.Geometry.from_spacing((PX, PX, SLICE), frame_ms=300.0)
+    rows, truth = [], []
+    for i, (dx, radii, lengths) in enumerate(FAKE):
+        image, mask = _fake_subject(radii, lengths)
+        sid = f"synth_{i:04d}"
+        nifti.write(root / f"{sid}.nii.gz", image, geom)
+        nifti.write(root / f"{sid}_mask.nii.gz", mask, geom, kind="mask")
+        m = _counted(mask)
+        requested = {k: m[k] * (1 + 0.1 * np.sin(3 * i + j)) + 2 * j for j, k in enumerate(PRIORS)}
+        truth.append((m, requested))
+        row = {"id": sid, "seed": i, "attempts": 1, "plausible": "yes", "dx": dx, "ed": 0, "es": 1, "frames": 3,
+               "slices": Z, "slice_mm": SLICE}
+        for k in PRIORS:
+            row.update({f"requested_{k}": round(requested[k], 3), f"given_{k}": 1, f"measured_{k}": round(m[k], 3)})
+        row["files"] = f"{sid}.nii.gz;{sid}_mask.nii.gz"
+        rows.append(row)
+    with open(root / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root, truth
+
+
+@pytest.fixture(scope="module")
+def small_phantom(tmp_path_factory):
+    from cine.phantom import write_phantom
+    root = tmp_path_factory.mktemp("phantom2")
+    list(write_phantom(root, n=2, seed=0, frames=4, matrix=48, progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    p = get_preset("tiny")
+    save_checkpoint(folder / "vae.safetensors", VAE(p.vae), "vae", p.vae,
+                    {"grid": dataclasses.asdict(p.grid), "scale": 1.0, "preset": "tiny"})
+    return folder
+
+
+# ---- diagnosis criteria and wall thickness -------------------------------------------------
+
+def test_criteria_on_hand_made_measures():
+    nor = {"lvedv": 140.0, "lvef": 62.0, "rvedv": 150.0, "rvef": 55.0, "max_wall": 10.0}
+    assert meets("NOR", nor) and not meets("NOR", {**nor, "max_wall": 16.0}) and not meets("NOR", {**nor, "rvef": 35.0})
+    assert meets("DCM", {**nor, "lvedv": LV_DILATED + 1, "lvef": 30.0})
+    assert not meets("DCM", {**nor, "lvedv": LV_DILATED - 1, "lvef": 30.0})
+    assert not meets("DCM", {**nor, "lvedv": 260.0})
+    assert meets("HCM", {**nor, "max_wall": 18.0}) and not meets("HCM", {**nor, "max_wall": 18.0, "lvef": 50.0})
+    assert meets("MINF", {**nor, "lvef": 42.0}) and not meets("MINF", nor)
+    assert meets("RV", {**nor, "rvef": 30.0}) and meets("RV", {**nor, "rvedv": 230.0}) and not meets("RV", nor)
+    assert meets(None, nor) is None and meets("XYZ", nor) is None
+    assert meets("NOR", {**nor, "lvef": float("nan")}) is None and meets("RV", {"rvedv": 200.0}) is None
+
+
+def test_wall_thickness_known_answers():
+    m = np.zeros((40, 40, 3), np.uint8)
+    m[:, 10:16, 0], m[:, 16:30, 0] = 2, 3     # a flat wall 6 px thick beside the cavity
+    m[5:35, 5:35, 2] = 2                      # an apical cap: myocardium without a cavity, not counted
+    assert wall_thickness(m, (1.5, 1.5, 8.0)) == pytest.approx(9.0)
+    x, y = np.meshgrid(np.arange(60), np.arange(60), indexing="ij")
+    ring = np.zeros((60, 60, 1), np.uint8)
+    ring[np.hypot(x - 30, y - 30) < 18, 0] = 2
+    ring[np.hypot(x - 30, y - 30) < 12, 0] = 3
+    assert 6.0 <= wall_thickness(ring, (1.0, 1.0, 8.0)) <= 6.0 + np.sqrt(2)
+    assert wall_thickness(np.zeros((5, 5, 2)), (1, 1, 1)) == 0.0
+
+
+def test_phantom_subjects_meet_their_group_criteria(tmp_path):
+    from cine.measures import clinical_measures
+    from cine.phantom import write_phantom
+    list(write_phantom(tmp_path, n=10, seed=0, frames=4, progress=False))
+    verdicts = []
+    for ref in scan(tmp_path).refs:
+        s = ref.load()
+        m = clinical_measures(s.full_mask[..., s.ed], s.full_mask[..., s.es], s.spacing)
+        verdicts.append(meets(s.dx, {**m, "max_wall": wall_thickness(s.full_mask[..., s.ed], s.spacing)}))
+    assert np.mean(verdicts) >= 0.9, verdicts
+
+
+# ---- controllability -----------------------------------------------------------------------
+
+def test_controllability_against_numpy(fake_set):
+    root, truth = fake_set
+    out = controllability(scan(root), _manifest(root))
+    assert out["subjects"] == len(FAKE)
+    for k in PRIORS:
+        requested = np.array([req[k] for _, req in truth])
+        measured = np.array([m[k] for m, _ in truth])
+        got = out["priors"][k]
+        assert got["n"] == len(FAKE)
+        assert got["r"] == pytest.approx(np.corrcoef(requested, measured)[0, 1], abs=1e-4)
+        assert got["mae"] == pytest.approx(np.abs(measured - requested).mean(), abs=1e-3)
+        assert got["bias"] == pytest.approx((measured - requested).mean(), abs=1e-3)
+    d = out["diagnosis"]   # DCM and NOR meet their criteria; the MINF subject's LVEF is normal; "" is unknown
+    assert d["n"] == 3 and d["rate"] == pytest.approx(2 / 3)
+    assert {dx: v["rate"] for dx, v in d["per_dx"].items()} == {"DCM": 1.0, "MINF": 0.0, "NOR": 1.0}
+
+
+# ---- temporal coherence --------------------------------------------------------------------
+
+def test_cycle_frames_periodic_resampling():
+    image = np.arange(4, dtype=np.float32)[None, None, None, :] * np.ones((2, 2, 1, 1), np.float32)
+    out = cycle_frames(image, ed=1, n=8)
+    np.testing.assert_allclose(out[0, 0, 0], [1, 1.5, 2, 2.5, 3, 1.5, 0, 0.5])
+
+
+def test_coherence_on_the_phantom(tiny_phantom, fake_set):
+    out = evaluate(tiny_phantom, fake_set[0], coherence=True)["coherence"]
+    real, gen = out["real"], out["generated"]
+    ds = scan(tiny_phantom)
+    subjects = [ref.load() for ref in ds.refs]
+    assert real["subjects"] == real["full_cycle_masks"] == len(subjects)
+    rough = np.mean([temporal_smoothness(np.count_nonzero(s.full_mask == 3, axis=(0, 1, 2))) for s in subjects])
+    assert real["lv_curve_roughness"] == pytest.approx(rough)
+    assert real["es_phase"] == pytest.approx(np.mean([(s.es - s.ed) / s.n_frames for s in subjects]))
+    assert real["ed_offset"] == 0.0      # the phantom's LV is largest at its ED frame
+    counts = [components_per_slice(s.full_mask[..., t], 3) for s in subjects for t in range(s.n_frames)]
+    lv_one = sum(int((c == 1).sum()) for c in counts) / sum(int((c > 0).sum()) for c in counts)
+    assert real["one_component"]["LV"] == pytest.approx(lv_one) and lv_one > 0.9
+    assert 0 < real["image_change"] and 0 < real["image_change_roughness"] and 0 < gen["image_change"]
+    # The fake generated set: ES (frame 1 of 3) from the LV curve, one component everywhere.
+    assert gen["es_phase"] == pytest.approx(1 / 3) and gen["ed_offset"] == 0.0
+    assert gen["one_component"] == {"RV": 1.0, "MYO": 1.0, "LV": 1.0}
+
+
+# ---- reconstruction and FVD ----------------------------------------------------------------
+
+def test_reconstruction_with_a_tiny_vae(small_phantom, tiny_vae):
+    r = evaluate(small_phantom, None, recon=True, weights=tiny_vae)["recon"]
+    frames = sum(ref.load().n_frames for ref in scan(small_phantom).refs)
+    assert r["frames"] == frames and np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1
+    for kind in ("labelled", "unlabelled"):          # the phantom's full-cycle masks label the other frames
+        for s in ("RV", "MYO", "LV"):
+            assert 0 <= r["masks"][kind][s]["dice"] <= 1
+    assert r["masks"]["labelled"]["LV"]["frames"] == 2 * len(scan(small_phantom).refs)
+    assert r["masks"]["unlabelled"]["LV"]["frames"] == frames - 2 * len(scan(small_phantom).refs)
+
+
+def test_fvd_vae_and_errors(small_phantom, fake_set, tiny_vae, tmp_path):
+    result = evaluate(small_phantom, fake_set[0], fvd=True, weights=tiny_vae)
+    assert "fvd" not in result
+    r = result["fvd_vae"]
+    assert r["value"] > 0 and r["real_halves"] is not None and r["protocol"]["feature"].startswith("NOT FVD")
+    assert r["protocol"]["clips"]["generated"] == len(FAKE) * Z and r["protocol"]["frames"] == 16
+    with pytest.raises(UserError, match="VAE"):
+        evaluate(small_phantom, fake_set[0], fvd=True, weights=tmp_path)
+    with pytest.raises(UserError, match="manifest"):
+        evaluate(small_phantom, small_phantom, control=True)
+    with pytest.raises(UserError, match="REAL"):
+        evaluate(None, fake_set[0])
+
+
+def test_i3d_fvd_of_a_set_with_itself_is_zero(fake_set):
+    torch.manual_seed(0)
+    features = I3DFeatures(InceptionI3d().eval(), "state_dict", "cpu")
+    ds = scan(fake_set[0])
+    ds = dataclasses.replace(ds, refs=ds.refs[:2])
+    r = fvd_report(ds, ds, GridConfig(spacing=PX, size=N, slices=Z), i3d_features=features, i3d_path="random", size=32)
+    assert r["value"] == pytest.approx(0.0, abs=1e-6 * r["real_halves"]) and r["real_halves"] > 0
+    assert r["protocol"]["resolution"] == [32, 32] and r["protocol"]["clips"] == {"real": 2 * Z, "generated": 2 * Z}
+
+
+# ---- the command line ----------------------------------------------------------------------
+
+def test_cli_json_on_stdout_table_on_stderr(tiny_phantom, fake_set):
+    args = ["eval", str(tiny_phantom), str(fake_set[0]), "--control", "--coherence", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert set(report) == {"real", "generated", "control", "coherence"}
+    assert report["control"]["diagnosis"]["n"] == 3
+    assert "controllability" in result.stderr and "temporal coherence" in result.stderr

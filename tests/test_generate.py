@@ -1,0 +1,131 @@
+"""`synth4d generate` end to end with tiny trained weights: files, determinism, resumption, refusals."""
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cine import nifti
+from cine.datasets import scan
+from synth4d import cli
+from tests.conftest import run_cli
+
+FAST = ["--frames", "5", "--steps", "3"]
+
+
+def _arrays(folder, sid):
+    image, geom = nifti.read(folder / f"{sid}.nii.gz", ndim=4)
+    mask, _ = nifti.read(folder / f"{sid}_mask.nii.gz", ndim=4, kind="mask")
+    return image, mask, geom
+
+
+def test_flat_outputs_geometry_and_manifest(tiny_weights, tmp_path):
+    out = tmp_path / "gen"
+    result = run_cli("generate", "--weights", tiny_weights, "--n", 2, "--dx", "HCM", "--lvedv", 120, *FAST, out)
+    paths = result.stdout.split()
+    assert paths == [str(out / f) for f in ("synth_0000.nii.gz", "synth_0000_mask.nii.gz",
+                                            "synth_0001.nii.gz", "synth_0001_mask.nii.gz")]
+    image, mask, geom = _arrays(out, "synth_0000")
+    with open(out / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == ["synth_0000", "synth_0001"]
+    row = rows[0]
+    assert row["dx"] == "HCM" and float(row["requested_lvedv"]) == 120 and row["given_lvedv"] == "1"
+    assert row["given_lvesv"] == "0" and float(row["requested_lvesv"]) < 120
+    assert image.shape[3] == 5 and mask.shape == image.shape and image.shape[2] == int(row["slices"])
+    assert geom.spacing[:2] == pytest.approx((6.0, 6.0)) and geom.spacing[2] == pytest.approx(float(row["slice_mm"]), abs=1e-3)
+    assert geom.frame_ms > 0 and set(np.unique(mask)) <= {0, 1, 2, 3}
+    # The measured columns are what the written masks say.
+    from cine.measures import clinical_measures
+    m = clinical_measures(mask[..., 0], mask[..., int(row["es"])], geom.spacing)
+    assert float(row["measured_lvedv"]) == pytest.approx(m["lvedv"], abs=1e-2)
+    # The folder + manifest is a data set the loader reads.
+    ds = scan(out)
+    assert ds.layout == "folder" and [r.id for r in ds.refs] == ["synth_0000", "synth_0001"]
+    assert ds.refs[0].dx == "HCM"
+
+
+def test_same_seed_same_files_and_one_subject_alone(tiny_weights, tmp_path):
+    run_cli("generate", "--weights", tiny_weights, "--n", 3, "--seed", 7, *FAST, tmp_path / "a")
+    run_cli("generate", "--weights", tiny_weights, "--n", 3, "--seed", 7, *FAST, tmp_path / "b")
+    run_cli("generate", "--weights", tiny_weights, "--n", 1, "--start", 2, "--seed", 7, *FAST, tmp_path / "c")
+    run_cli("generate", "--weights", tiny_weights, "--n", 1, "--seed", 8, *FAST, tmp_path / "d")
+    for sid in ("synth_0000", "synth_0001", "synth_0002"):
+        a, b = _arrays(tmp_path / "a", sid), _arrays(tmp_path / "b", sid)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    alone, batch = _arrays(tmp_path / "c", "synth_0002"), _arrays(tmp_path / "a", "synth_0002")
+    assert np.array_equal(alone[0], batch[0]) and np.array_equal(alone[1], batch[1])
+    other = _arrays(tmp_path / "d", "synth_0000")
+    assert other[0].shape != batch[0].shape or not np.array_equal(other[0], _arrays(tmp_path / "a", "synth_0000")[0])
+
+
+def test_rerun_skips_complete_subjects_and_never_overwrites(tiny_weights, tmp_path):
+    out = tmp_path / "gen"
+    run_cli("generate", "--weights", tiny_weights, "--n", 2, *FAST, out)
+    first = (out / "synth_0001.nii.gz").stat().st_mtime_ns
+    result = run_cli("generate", "--weights", tiny_weights, "--n", 3, "--json", *FAST, out)
+    rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
+    assert [r.get("skipped", False) for r in rows] == [True, True, False]
+    assert (out / "synth_0001.nii.gz").stat().st_mtime_ns == first
+    # Another seed into the same folder would silently mix two runs: refused.
+    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--seed", "5", *FAST, str(out)])
+    assert result.exit_code != 0 and "another seed" in str(result.exception)
+    # A stray file with a subject's name is not overwritten without --overwrite.
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "synth_0000.nii.gz").write_bytes(b"mine")
+    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), *FAST, str(tmp_path / "x")])
+    assert result.exit_code != 0 and (tmp_path / "x" / "synth_0000.nii.gz").read_bytes() == b"mine"
+    run_cli("generate", "--weights", tiny_weights, "--overwrite", *FAST, tmp_path / "x")
+    assert (tmp_path / "x" / "synth_0000.nii.gz").read_bytes() != b"mine"
+    assert not list(out.glob(".tmp*")) and not list((tmp_path / "x").glob(".tmp*"))
+
+
+def test_acdc_layout_reads_back(tiny_weights, tmp_path):
+    out = tmp_path / "acdc"
+    run_cli("generate", "--weights", tiny_weights, "--n", 2, "--dx", "DCM", "--layout", "acdc", *FAST, out)
+    ds = scan(out)
+    assert ds.layout == "acdc" and [r.id for r in ds.refs] == ["patient001", "patient002"]
+    subject = ds.refs[0].load()
+    assert subject.dx == "DCM" and subject.ed == 0 and sorted(subject.masks) == sorted({0, subject.es})
+    assert subject.full_mask is not None and subject.full_mask.shape == subject.image.shape
+    assert np.array_equal(subject.masks[subject.es], subject.full_mask[..., subject.es])
+
+
+def test_conditions_csv(tiny_weights, tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("dx,lvedv,lvef,frames\nNOR,150,60,4\nDCM,,,5\n")
+    out = tmp_path / "gen"
+    result = run_cli("generate", "--weights", tiny_weights, "--conditions", table, "--steps", 3, "--json", out)
+    rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
+    assert [r["dx"] for r in rows] == ["NOR", "DCM"] and [int(r["frames"]) for r in rows] == [4, 5]
+    assert float(rows[0]["requested_lvedv"]) == 150 and float(rows[0]["requested_lvesv"]) == pytest.approx(60, abs=1e-2)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lvedv", "100", "--lvesv", "120"], "smaller than"),
+    (["--lvef", "130"], "between 0 and 100"),
+    (["--rvedv", "-3"], "positive"),
+    (["--dx", "XYZ"], "unknown diagnosis"),
+    (["--slices", "99"], "slices must be"),
+])
+def test_impossible_requests_are_refused_before_any_work(tiny_weights, tmp_path, args, words):
+    out = tmp_path / "gen"
+    proc = subprocess.run([sys.executable, "-m", "synth4d", "generate", "--weights", str(tiny_weights), *args, str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and words in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_bad_conditions_file(tiny_weights, tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("dx,lvedv,height\nNOR,150,180\n")
+    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--conditions", str(table),
+                                      str(tmp_path / "o")])
+    assert result.exit_code != 0 and "c.csv" in str(result.exception) and "height" in str(result.exception)
+    table.write_text("dx,lvedv\nNOR,big\n")
+    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--conditions", str(table),
+                                      str(tmp_path / "o")])
+    assert "line 2" in str(result.exception)
