@@ -357,6 +357,8 @@ def _prepare_cached(ref, grid, folder: Path) -> Prepared:
             tqdm.write(f"rebuilding unreadable cache file {path} ({type(e).__name__})", file=sys.stderr)
     p = prepare_subject(ref.load(), grid)
     save_prepared(path, p)
+    # Hand out what a cache read returns, so a first run and a resumed one see the same data.
+    p.image = p.image.astype(np.float16).astype(np.float32)
     return p
 
 

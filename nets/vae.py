@@ -5,11 +5,12 @@ A frame is (B, 1, X, Y, Z) with intensities in [-1, 1]; its latent is (B, latent
 with f = cfg.factor. Only the in-plane axes are downsampled: the slice axis is already coarse
 (8-10 mm) and has few slices.
 
-The decoder is one shared trunk with two heads (image, mask logits) rather than two decoders:
-both outputs describe the same anatomy at the same positions, so sharing the trunk lets the
-many unlabelled frames (image loss only) shape the features the mask head reads, and halves the
-decoder cost. A short run on the phantom did not show two separate decoders doing better (see
-the report of the change that introduced this file).
+Two decoders read the same latent: one for the image, one for the mask logits. A shared trunk
+with two heads was the default choice, but in a short run on the phantom (cpu preset, 150 steps,
+batch 4, 18 training subjects) two decoders reconstructed much better at the same step
+(held-out PSNR 19.2 vs 15.0 dB, SSIM 0.48 vs 0.30) with no worse masks (Dice on labelled frames
+0.64 vs 0.59, on never-labelled frames 0.66 vs 0.62), for about 1.2x the time per step: the
+narrow full-resolution trunk could not serve both the segmentation and the image losses.
 """
 from __future__ import annotations
 
@@ -68,9 +69,9 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent (B, latent_ch, x, y, Z) -> image (B, 1, f x, f y, Z) and mask logits (B, n_classes, ...)."""
+    """Latent (B, latent_ch, x, y, Z) -> (B, out_ch, f x, f y, Z): the image (out_ch 1) or mask logits."""
 
-    def __init__(self, cfg: VAEConfig):
+    def __init__(self, cfg: VAEConfig, out_ch: int):
         super().__init__()
         w = cfg.widths[::-1]
         ch = w[0]
@@ -82,15 +83,11 @@ class Decoder(nn.Module):
                 ch = width
             if i < len(w) - 1:
                 layers.append(Upsample(ch, (2, 2, 1)))
-        self.trunk = nn.Sequential(*layers)
-        # Linear image output: the data already lie in [-1, 1] and L1 does not need tanh's squashing,
-        # which would slow learning of the saturated background (-1).
-        self.image_head = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv3d(ch, 1, 3, padding=1)))
-        self.mask_head = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv3d(ch, cfg.n_classes, 3, padding=1)))
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv3d(ch, out_ch, 3, padding=1)))
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.trunk(self.conv_in(z))
-        return self.image_head(h), self.mask_head(h)
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(self.conv_in(z)))
 
 
 class VAE(nn.Module):
@@ -100,7 +97,10 @@ class VAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        # Linear image output: the data already lie in [-1, 1] and L1 does not need tanh's squashing,
+        # which would slow the learning of the saturated background (-1).
+        self.image_decoder = Decoder(cfg, 1)
+        self.mask_decoder = Decoder(cfg, cfg.n_classes)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x (B, 1, X, Y, Z) in [-1, 1] -> posterior over (B, latent_ch, ceil(X / f), ceil(Y / f), Z)."""
@@ -116,7 +116,7 @@ class VAE(nn.Module):
 
         size: the (X, Y) to crop back to when the frame was padded in `encode`.
         """
-        image, logits = self.decoder(z)
+        image, logits = self.image_decoder(z), self.mask_decoder(z)
         if size is not None:
             image, logits = image[:, :, :size[0], :size[1]], logits[:, :, :size[0], :size[1]]
         return image, logits

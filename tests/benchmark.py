@@ -1,0 +1,174 @@
+"""Benchmark: generation time by stage, peak memory, training steps/s, FLOP efficiency, paper preset.
+
+Run `python tests/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
+asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
+Without --weights, networks are randomly initialised: timing does not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nets.config import get_preset
+from nets.diffusion import make_schedule
+from nets.pipeline import Generator4D
+from nets.unet import UNet
+from nets.vae import VAE
+
+CL = torch.channels_last_3d
+VOCAB = ("DCM", "HCM", "MINF", "NOR", "RV")
+
+
+def median_time(fn, repeats=5, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def matmul_gflops(n=2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n ** 3 / median_time(lambda: a @ b, repeats=10) / 1e9
+
+
+def cond_for(cfg, batch):
+    c = {"dx": torch.zeros(batch, dtype=torch.long), "scalars": torch.zeros(batch, len(cfg.scalars)),
+         "present": torch.ones(batch, len(cfg.scalars), dtype=torch.bool)}
+    if cfg.phase:
+        c["phase"] = torch.linspace(0, 0.9, batch)
+    return c
+
+
+def networks(preset, weights=None):
+    p = get_preset(preset)
+    if weights:
+        from train.generate import load_models
+        chain, *_ = load_models(weights, "cpu")
+        return p, chain.vae, chain.static, chain.motion
+    static = UNet(dataclasses.replace(p.static, dx_vocab=VOCAB)).eval()
+    motion = UNet(dataclasses.replace(p.motion, dx_vocab=VOCAB)).eval()
+    return p, VAE(p.vae).eval(), static, motion
+
+
+@torch.no_grad()
+def forward_costs(p, vae, static, motion, frames):
+    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses."""
+    C, X, Y, Z = p.latent_shape()
+    out = {}
+    for name, net, batch in (("static", static, 2), ("motion", motion, 2 * frames)):
+        x = torch.randn(batch, C, X, Y, Z).to(memory_format=CL)
+        ctx = torch.randn(batch, net.cfg.ctx_ch, X, Y, Z).to(memory_format=CL) if net.cfg.ctx_ch else None
+        t = torch.full((batch,), 500)
+        cond = cond_for(net.cfg, batch)
+        call = lambda: net(x, t, cond, ctx=ctx, frames=frames if net.cfg.phase else None)  # noqa: E731
+        out[name] = (flops(call), median_time(call, repeats=3), batch)
+    z = torch.randn(8, C, X, Y, Z).to(memory_format=CL)
+    out["decoder"] = (flops(lambda: vae.decode(z)), median_time(lambda: vae.decode(z), repeats=3), 8)
+    return out
+
+
+def train_steps_per_s(p, vae, static, motion):
+    C, X, Y, Z = p.latent_shape()
+    rates = {}
+    for name, net, batch, make in (
+            ("vae", VAE(p.vae), p.train_vae.batch_size, lambda b: (torch.randn(b, 1, p.grid.size, p.grid.size, p.grid.slices),)),
+            ("static", UNet(static.cfg), p.train_static.batch_size, None),
+            ("motion", UNet(motion.cfg), p.train_motion.batch_size, None)):
+        net = net.to(memory_format=CL).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        if name == "vae":
+            (x,) = make(batch)
+            x = x.to(memory_format=CL)
+            loss_fn = lambda: sum(o.float().mean() for o in net(x)[:2])  # noqa: E731
+        else:
+            x = torch.randn(batch, C, X, Y, Z).to(memory_format=CL)
+            ctx = torch.randn(batch, net.cfg.ctx_ch, X, Y, Z).to(memory_format=CL) if net.cfg.ctx_ch else None
+            t, cond = torch.randint(0, 1000, (batch,)), cond_for(net.cfg, batch)
+            loss_fn = lambda: net(x, t, cond, ctx=ctx, frames=4 if net.cfg.phase else None).square().mean()  # noqa: E731
+
+        def step():
+            opt.zero_grad()
+            loss_fn().backward()
+            opt.step()
+        rates[name] = (1.0 / median_time(step, repeats=3), batch)
+    return rates
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--weights", default=None, help="a weights folder (default: random networks of the cpu preset)")
+    ap.add_argument("--frames", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--subjects", type=int, default=3)
+    ap.add_argument("--skip-paper", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak_gflops = matmul_gflops()
+    print(f"fp32 matmul (2048^3): {peak_gflops:.1f} GFLOP/s")
+
+    p, vae, static, motion = networks("cpu", args.weights)
+    for net in (vae, static, motion):
+        net.to(memory_format=CL)
+    C, X, Y, Z = p.latent_shape()
+    chain = Generator4D(vae, static, motion, make_schedule("cosine"), 1.0, 1.0, (X, Y, Z))
+    s_cond, m_cond = cond_for(static.cfg, 1), cond_for(motion.cfg, 1)
+    m_cond.pop("phase", None)
+    per_subject, stages = [], []
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for i in range(args.subjects):
+        timings = {}
+        t = time.perf_counter()
+        chain.generate(s_cond, m_cond, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=args.steps,
+                       guidance=2.0, timings=timings)
+        per_subject.append(time.perf_counter() - t)
+        stages.append(timings)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\ngeneration, {args.frames}-frame subject, {args.steps} DDIM steps per model, guidance 2 "
+          f"(median of {args.subjects}): {statistics.median(per_subject):.2f} s")
+    for k in ("static", "motion", "decode"):
+        print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
+    print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
+
+    print("\nFLOP efficiency (one forward at the generation loop's batch):")
+    costs = forward_costs(p, vae, static, motion, args.frames)
+    for name, (f, sec, batch) in costs.items():
+        rate = f / sec / 1e9
+        print(f"  {name:<8} batch {batch:3d}: {f / 1e9:8.1f} GFLOP in {sec:6.3f} s = {rate:6.1f} GFLOP/s "
+              f"({100 * rate / peak_gflops:.0f}% of matmul)")
+
+    print("\ntraining steps/s at the cpu preset's default batch sizes:")
+    for name, (rate, batch) in train_steps_per_s(p, vae, static, motion).items():
+        print(f"  {name:<8} batch {batch:3d}: {rate:.3f} steps/s")
+
+    if not args.skip_paper:
+        pp, pvae, pstatic, pmotion = networks("paper")
+        pc = forward_costs(pp, pvae.to(memory_format=CL), pstatic.to(memory_format=CL),
+                           pmotion.to(memory_format=CL), 2)
+        f_static, t_static, _ = pc["static"]          # batch 2 = one subject with guidance
+        f_motion, t_motion, _ = pc["motion"]          # batch 4 = two frames with guidance
+        implied = args.steps * (t_static + t_motion / 2 * args.frames)
+        ours = args.steps * (costs["static"][1] + costs["motion"][1])
+        print(f"\npaper preset: {f_static / 2 / 1e12:.2f} TFLOP per denoiser forward (one sample); "
+              f"{args.steps} steps x (static + {args.frames} motion frames), guided, imply {implied:.0f} s "
+              f"of denoising per subject here vs {ours:.1f} s for the cpu preset: ratio {implied / ours:.0f}x")
+
+
+if __name__ == "__main__":
+    main()
