@@ -67,7 +67,7 @@ def cli():
 @click.option("--skip-bad", is_flag=True, help="List unusable subjects instead of stopping at the first.")
 def info(data, as_json, skip_bad):
     """Summarise the data set in DATA: layout, subjects, diagnoses, labelled frames, geometry, volumes."""
-    from cine.datasets import format_info, info_report
+    from cine.info import format_info, info_report
     report = info_report(data, skip_bad=skip_bad)
     if as_json:
         _echo_json(report)
@@ -144,6 +144,23 @@ cli.command("train-static", help="Stage 2: train the static LDM (end-diastolic a
     _train_ldm("static"))
 cli.command("train-motion", help="Stage 3: train the motion LDM (residual latents over the cycle) on DATA.")(
     _train_ldm("motion"))
+
+
+@cli.command("export-weights")
+@click.argument("runs", type=DATA)
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace checkpoints already in DEST.")
+def export_weights(runs, dest, overwrite):
+    """Copy RUNS/{vae,static,motion}/<stage>.safetensors into DEST as float16, ready for --weights.
+
+    This is how the shipped weights/ folder is made (see weights/README.md).
+    """
+    from train.common import export_half
+    for stage in ("vae", "static", "motion"):
+        target = dest / f"{stage}.safetensors"
+        if target.exists() and not overwrite:
+            raise UserError(f"{target} exists; pass --overwrite to replace it")
+        click.echo(export_half(runs / stage / f"{stage}.safetensors", target))
 
 
 PRIORS = (("lvedv", "LV end-diastolic volume (mL)"), ("lvesv", "LV end-systolic volume (mL)"),

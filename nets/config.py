@@ -101,10 +101,10 @@ _add("tiny", GridConfig(spacing=6.0, size=24, slices=12), VAEConfig(widths=(8, 1
      dict(widths=(16, 32), down=((2, 2, 2),), attn=(False, True), emb_dim=32, blocks=1),
      TrainDefaults(20, 2, 1e-3), TrainDefaults(20, 4, 1e-3), TrainDefaults(20, 4, 1e-3))
 # cpu: a 141 mm heart-centred crop -> latent 4 x 16 x 16 x 12; the denoisers spend their width at the
-# coarse levels, where positions are few, to keep a forward near 3 GFLOP per sample on a 2-core CPU.
+# coarse levels, where positions are few: 2.5 GFLOP and 3.5M parameters per denoiser.
 _add("cpu", GridConfig(spacing=2.2, size=64, slices=12), VAEConfig(widths=(12, 24, 48), latent_ch=4),
-     dict(widths=(32, 64, 128), down=((2, 2, 1), (2, 2, 2)), attn=(False, False, True), emb_dim=128, blocks=1),
-     TrainDefaults(6000, 4, 1e-3), TrainDefaults(6000, 16, 4e-4), TrainDefaults(6000, 8, 4e-4))
+     dict(widths=(32, 64, 96), down=((2, 2, 1), (2, 2, 2)), attn=(False, False, True), emb_dim=128, blocks=1),
+     TrainDefaults(1500, 4, 1e-3), TrainDefaults(3000, 8, 5e-4), TrainDefaults(3000, 8, 5e-4))
 _add("paper", GridConfig(spacing=1.0, size=192, slices=16), VAEConfig(widths=(64, 128, 256, 256), latent_ch=8, blocks=2),
      dict(widths=(192, 384, 768), down=((2, 2, 1), (2, 2, 2)), attn=(False, True, True), emb_dim=768),
      TrainDefaults(100000, 8, 1e-4), TrainDefaults(200000, 32, 1e-4), TrainDefaults(200000, 16, 1e-4))

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from cine import DataError, nifti
-from cine.datasets import format_info, info_report, scan
+from cine.datasets import scan
+from cine.info import format_info, info_report
 from synth4d import cli
 
 SHAPE = (8, 8, 3, 5)  # (X, Y, Z, T)

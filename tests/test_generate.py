@@ -129,3 +129,19 @@ def test_bad_conditions_file(tiny_weights, tmp_path):
     result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--conditions", str(table),
                                       str(tmp_path / "o")])
     assert "line 2" in str(result.exception)
+
+
+def test_export_weights_halves_the_files_and_still_generates(tiny_weights, tmp_path):
+    runs = tmp_path / "runs"
+    for stage in ("vae", "static", "motion"):
+        (runs / stage).mkdir(parents=True)
+        (runs / stage / f"{stage}.safetensors").write_bytes((tiny_weights / f"{stage}.safetensors").read_bytes())
+    run_cli("export-weights", runs, tmp_path / "w")
+    for stage in ("vae", "static", "motion"):
+        small, big = (tmp_path / "w" / f"{stage}.safetensors").stat().st_size, (tiny_weights / f"{stage}.safetensors").stat().st_size
+        assert small < 0.6 * big
+    result = CliRunner().invoke(cli, ["export-weights", str(runs), str(tmp_path / "w")])
+    assert result.exit_code != 0 and "--overwrite" in str(result.exception)
+    run_cli("generate", "--weights", tmp_path / "w", *FAST, tmp_path / "gen")
+    image, mask, _ = _arrays(tmp_path / "gen", "synth_0000")
+    assert image.shape == mask.shape and mask.max() <= 3

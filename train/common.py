@@ -49,9 +49,9 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
+def autocast(device):
     """bf16 autocast on CUDA, where it speeds convolutions up; a no-op elsewhere (CPU bf16 is slower)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -305,3 +305,17 @@ class RunLog:
         if self._n:
             self._flush()
         self.bar.close()
+
+
+
+def export_half(src, dst) -> Path:
+    """Copy a checkpoint with its float tensors stored as float16: half the size, for shipping.
+
+    Loading needs nothing special: load_state_dict casts them back into the float32 parameters.
+    """
+    load_checkpoint(src)  # a clear DataError for anything that is not a synth4d checkpoint
+    with safe_open(str(src), framework="pt", device="cpu") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    return _atomic(Path(dst), lambda tmp: save_file(tensors, tmp, metadata=metadata))

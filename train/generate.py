@@ -23,7 +23,7 @@ import weights as shipped
 from cine import DataError, UserError
 from cine.measures import clinical_measures, volume_curve
 from cine.nifti import Geometry, write
-from cine.priors import REQUESTABLE, check_request, draw
+from cine.priors import check_request, draw
 from nets.config import UNetConfig
 from nets.diffusion import make_schedule
 from nets.pipeline import Generator4D

@@ -28,6 +28,7 @@ from train.latents import encode_dataset
 from train.vae import _resumed_settings
 
 SCHEDULE, PRED = "cosine", "v"
+WEIGHTING = "min_snr"                 # Hang et al. 2023: several times faster convergence for few steps
 P_DROP_ALL, P_DROP_EACH = 0.1, 0.15   # CFG dropout: all conditions together, and each on its own
 EMA_DECAY = 0.999
 VAL_FRACTION = 0.1                    # same fraction and seed as the VAE: the same subjects are held out
@@ -99,7 +100,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         sampler.set_state(extra["sampler"])
         history = json.loads(extra["history"])
     warmup = min(250, max(1, total // 20))
-    meta = {"preset": p.name, "schedule": SCHEDULE, "pred": PRED, "norm": norm, "vae_scale": vae_meta["scale"],
+    meta = {"preset": p.name, "schedule": SCHEDULE, "pred": PRED, "weighting": WEIGHTING, "norm": norm, "vae_scale": vae_meta["scale"],
             "grid": dataclasses.asdict(p.grid), "train_subjects": len(train), "seed": run["seed"], **task.meta()}
     if stage == "static":
         meta["priors"] = fit_priors([s.values() for s in train if {"lvedv", "lvesv", "rvedv", "rvesv", "lv_mass"} <= set(s.measures)])
@@ -125,7 +126,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         with autocast(dev):
             x_t = q_sample(x0, t, eps, sched).contiguous(memory_format=torch.channels_last_3d)
             pred = model(x_t, t, cond, ctx=ctx, frames=frames)
-        per_sample = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED)             # (B,)
+        per_sample = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED, weighting=WEIGHTING)  # (B,)
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

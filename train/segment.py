@@ -1,4 +1,4 @@
-"""Segment 4D cines with the VAE's mask head and report the ventricular volume curves.
+"""Segment 4D cines with the VAE's mask decoder and report the ventricular volume curves.
 
 Axis vocabulary: a cine and its mask are (X, Y, Z, T) on the input's own voxel grid; on the
 VAE grid a frame batch is (B, 1, X, Y, Z) and class probabilities are (C, X, Y, Z, T).
@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 import weights as shipped
 from cine import DataError, UserError
 from cine.measures import ejection_fraction, volume_curve
