@@ -187,6 +187,8 @@ def _prior_options(f):
 @click.option("--slices", type=click.IntRange(min=1), default=None, help="Short-axis slices [drawn from the prior].")
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="DDIM steps per model.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--keyframes", type=click.IntRange(min=0), default=12, show_default=True,
+              help="Phases the motion model samples; other frames are interpolated along the cycle (0: sample every frame).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; subject i uses a seed derived from it and i.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae/static/motion .safetensors [the shipped weights].")

@@ -17,6 +17,24 @@ from nets.unet import UNet
 from nets.vae import VAE
 
 
+def periodic_interpolate(keys: torch.Tensor, phases) -> torch.Tensor:
+    """Values at K evenly spaced phases k / K (K, ...) -> values at `phases` (T, ...) in [0, 1).
+
+    Uniform Catmull-Rom on the closed cycle: passes through every key, C1-continuous, and
+    periodic, so a cardiac cycle sampled at K keyframes comes back smooth at any frame count.
+    """
+    K = keys.shape[0]
+    out = []
+    for p in phases:
+        u = float(p) * K
+        i = int(u // 1)
+        s = u - i
+        w = ((-s ** 3 + 2 * s ** 2 - s) / 2, (3 * s ** 3 - 5 * s ** 2 + 2) / 2,
+             (-3 * s ** 3 + 4 * s ** 2 + s) / 2, (s ** 3 - s ** 2) / 2)
+        out.append(sum(wj * keys[(i - 1 + j) % K] for j, wj in enumerate(w)))
+    return torch.stack(out)
+
+
 @dataclass
 class Generator4D:
     vae: VAE
@@ -71,15 +89,25 @@ class Generator4D:
         return next(self.static.parameters()).device
 
     def generate(self, static_cond, motion_cond, n_slices, phases, seed, steps=25, guidance=2.0,
-                 timings=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One subject: conditions (batch-1 dicts on the device) -> image, labels (X, Y, Z, T)."""
+                 keyframes=0, timings=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One subject: conditions (batch-1 dicts on the device) -> image, labels (X, Y, Z, T).
+
+        keyframes > 0 and fewer than the phases asked for: the motion model samples that many evenly
+        spaced phases and the residual latents of the others are interpolated along the cycle
+        (periodic_interpolate), which divides the motion cost by T / keyframes.
+        """
         generator = torch.Generator().manual_seed(int(seed))
         clock = time.perf_counter()
         z_ed = self.sample_static(static_cond, generator, steps, guidance)
         t1 = time.perf_counter()
         mask = torch.zeros((1, 1) + self.latent_size, device=self.device)
         mask[..., :n_slices] = 1.0
-        z = self.sample_motion(z_ed, mask, motion_cond, phases, generator, steps, guidance)
+        if 0 < keyframes < len(phases):
+            keys = self.sample_motion(z_ed, mask, motion_cond, [k / keyframes for k in range(keyframes)],
+                                      generator, steps, guidance)                          # (K, C, X, Y, Z)
+            z = z_ed + periodic_interpolate(keys - z_ed, phases)                          # (T, C, X, Y, Z)
+        else:
+            z = self.sample_motion(z_ed, mask, motion_cond, phases, generator, steps, guidance)
         t2 = time.perf_counter()
         image, labels = self.decode(z)
         if timings is not None:

@@ -145,3 +145,13 @@ def test_export_weights_halves_the_files_and_still_generates(tiny_weights, tmp_p
     run_cli("generate", "--weights", tmp_path / "w", *FAST, tmp_path / "gen")
     image, mask, _ = _arrays(tmp_path / "gen", "synth_0000")
     assert image.shape == mask.shape and mask.max() <= 3
+
+
+def test_keyframes_interpolate_motion_but_keep_the_anatomy(tiny_weights, tmp_path):
+    run_cli("generate", "--weights", tiny_weights, "--frames", 7, "--steps", 3, "--keyframes", 3, tmp_path / "k")
+    run_cli("generate", "--weights", tiny_weights, "--frames", 7, "--steps", 3, "--keyframes", 0, tmp_path / "all")
+    k, full = _arrays(tmp_path / "k", "synth_0000"), _arrays(tmp_path / "all", "synth_0000")
+    assert k[0].shape == full[0].shape and k[0].shape[3] == 7
+    # Phase 0 is ED: the same static sample, untouched by how the motion frames were made.
+    assert np.array_equal(k[0][..., 0], full[0][..., 0]) and np.array_equal(k[1][..., 0], full[1][..., 0])
+    assert not np.array_equal(k[0][..., 1:], full[0][..., 1:])

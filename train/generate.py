@@ -130,7 +130,7 @@ def _names(i, layout):
 
 
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, steps=25, guidance=2.0, seed=0,
-             weights=None, device="cpu", layout="flat", start=0, overwrite=False, **given):
+             keyframes=12, weights=None, device="cpu", layout="flat", start=0, overwrite=False, **given):
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)
     folder = Path(weights) if weights else shipped.DIR
@@ -165,13 +165,13 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, steps=2
 
     bar = tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending)
     for i, req in bar:
-        row = _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, guidance)
+        row = _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, guidance, keyframes)
         manifest[row["id"]] = row
         _write_manifest(out / "manifest.csv", manifest)
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
 
 
-def _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, guidance):
+def _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, guidance, keyframes):
     """Generate, check and write subject i (re-drawn up to MAX_ATTEMPTS times) -> its manifest row."""
     dev = chain.device
     T = int(req.get("frames") or 30)
@@ -181,7 +181,7 @@ def _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, gui
         scond = cond_tensors([values], list(smeta["norm"]), smeta["norm"], vocab)
         mcond = cond_tensors([values], list(mmeta["norm"]), mmeta["norm"], vocab)
         image, labels = chain.generate({k: v.to(dev) for k, v in scond.items()}, {k: v.to(dev) for k, v in mcond.items()},
-                                       values["slices"], [t / T for t in range(T)], s, steps, guidance)
+                                       values["slices"], [t / T for t in range(T)], s, steps, guidance, keyframes)
         image, labels = image[..., :values["slices"], :].numpy(), labels[..., :values["slices"], :].numpy()
         spacing = (grid.spacing, grid.spacing, values["slice_mm"])
         lv = volume_curve(labels, spacing)["lv"]
@@ -194,7 +194,8 @@ def _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, gui
     sid, image_rel, mask_rel = _names(i, layout)
     files = _write_subject(out, layout, sid, image_rel, mask_rel, image, labels, geom, values["dx"], es)
     row = {"id": sid, "seed": s, "attempts": attempt + 1, "plausible": why or "yes", "dx": values["dx"] or "",
-           "ed": 0, "es": es, "frames": T, "slices": values["slices"], "slice_mm": round(values["slice_mm"], 3)}
+           "ed": 0, "es": es, "frames": T, "slices": values["slices"], "slice_mm": round(values["slice_mm"], 3),
+           "steps": steps, "guidance": guidance, "keyframes": keyframes}
     for k in MEASURED:
         row[f"requested_{k}"] = round(values[k], 3)
         row[f"given_{k}"] = int(req.get(k) is not None)
