@@ -228,3 +228,19 @@ def test_cli_json_on_stdout_table_on_stderr(tiny_phantom, fake_set):
     assert set(report) == {"real", "generated", "control", "coherence"}
     assert report["control"]["diagnosis"]["n"] == 3
     assert "controllability" in result.stderr and "temporal coherence" in result.stderr
+
+
+def test_eval_end_to_end_on_generated_subjects(tiny_phantom, tiny_weights, tmp_path):
+    """generate -> eval through the CLI: every default metric on a real generated set."""
+    import json
+
+    from tests.conftest import run_cli
+    out = tmp_path / "gen"
+    run_cli("generate", "--weights", tiny_weights, "--n", 4, "--frames", 6, "--steps", 3, out)
+    result = run_cli("eval", tiny_phantom, out, "--weights", tiny_weights, "--json")
+    report = json.loads(result.stdout)
+    assert {"fvd_vae", "control", "coherence", "recon"} <= set(report)
+    assert "fvd" not in report  # without I3D weights the VAE-feature distance must not be called FVD
+    assert report["fvd_vae"]["value"] >= 0 and report["fvd_vae"]["real_halves"] >= 0
+    lvedv = report["control"]["priors"]["lvedv"]
+    assert lvedv["n"] == 4 and -1 <= lvedv["r"] <= 1 and lvedv["mae"] >= 0
