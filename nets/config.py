@@ -104,7 +104,7 @@ _add("tiny", GridConfig(spacing=6.0, size=24, slices=12), VAEConfig(widths=(8, 1
 # coarse levels, where positions are few: 2.5 GFLOP and 3.5M parameters per denoiser.
 _add("cpu", GridConfig(spacing=2.2, size=64, slices=12), VAEConfig(widths=(12, 24, 48), latent_ch=4),
      dict(widths=(32, 64, 96), down=((2, 2, 1), (2, 2, 2)), attn=(False, False, True), emb_dim=128, blocks=1),
-     TrainDefaults(1500, 4, 1e-3), TrainDefaults(3000, 8, 5e-4), TrainDefaults(3000, 8, 5e-4))
+     TrainDefaults(500, 4, 1e-3), TrainDefaults(1800, 8, 5e-4), TrainDefaults(1800, 8, 5e-4))
 _add("paper", GridConfig(spacing=1.0, size=192, slices=16), VAEConfig(widths=(64, 128, 256, 256), latent_ch=8, blocks=2),
      dict(widths=(192, 384, 768), down=((2, 2, 1), (2, 2, 2)), attn=(False, True, True), emb_dim=768),
      TrainDefaults(100000, 8, 1e-4), TrainDefaults(200000, 32, 1e-4), TrainDefaults(200000, 16, 1e-4))
