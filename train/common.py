@@ -245,6 +245,17 @@ def read_split(out, ids=None) -> tuple[list, list]:
     return train_ids, val_ids
 
 
+def resumed_settings(path: Path, given: dict) -> dict:
+    """The recorded run settings, with those given again on the command line taking over."""
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"cannot resume: {path} is missing or unreadable") from None
+    if given["preset"] != run["preset"]:
+        raise UserError(f"this run uses preset {run['preset']!r}; resume it with --preset {run['preset']}")
+    return {**run, **{k: v for k, v in given.items() if v is not None and k not in ("preset", "seed")}}
+
+
 class RunLog:
     """Progress bar (stderr) with the window-mean loss and steps/s, plus a plain-text out/log.txt."""
 

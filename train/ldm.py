@@ -23,9 +23,9 @@ from nets.config import get_preset
 from nets.diffusion import diffusion_loss, make_schedule, q_sample, timestep_buckets
 from nets.unet import UNet
 from train.common import (FrameSampler, RunLog, autocast, load_state, lr_at, make_ema, read_split,
-                          save_checkpoint, save_state, select_device, update_ema, write_split)
+                          resumed_settings, save_checkpoint, save_state, select_device, update_ema,
+                          write_split)
 from train.latents import encode_dataset
-from train.vae import _resumed_settings
 
 SCHEDULE, PRED = "cosine", "v"
 WEIGHTING = "min_snr"                 # Hang et al. 2023: several times faster convergence for few steps
@@ -51,7 +51,8 @@ def cond_tensors(rows, names, norm, dx_vocab) -> dict:
     present = torch.tensor([[r.get(n) is not None and math.isfinite(r[n]) for n in names] for r in rows])
     scalars = torch.tensor([[(r[n] - norm[n][0]) / norm[n][1] if p else 0.0 for n, p in zip(names, ps)]
                             for r, ps in zip(rows, present.tolist())], dtype=torch.float32)
-    return {"dx": dx.long(), "scalars": scalars.reshape(len(rows), len(names)), "present": present.reshape(len(rows), len(names))}
+    B, S = len(rows), len(names)
+    return {"dx": dx.long(), "scalars": scalars.reshape(B, S), "present": present.reshape(B, S)}
 
 
 def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False,
@@ -65,7 +66,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     if resume:
         if not state_path.is_file():
             raise UserError(f"nothing to resume in {out} (no {state_path.name}); run without --resume to start")
-        run = _resumed_settings(out / "run.json", run)
+        run = resumed_settings(out / "run.json", run)
     elif state_path.exists() or ckpt_path.exists():
         raise UserError(f"{out} already holds a {stage} run; pass --resume to continue it or choose another --out")
     p = get_preset(run["preset"])
@@ -100,10 +101,12 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         sampler.set_state(extra["sampler"])
         history = json.loads(extra["history"])
     warmup = min(250, max(1, total // 20))
-    meta = {"preset": p.name, "schedule": SCHEDULE, "pred": PRED, "weighting": WEIGHTING, "norm": norm, "vae_scale": vae_meta["scale"],
-            "grid": dataclasses.asdict(p.grid), "train_subjects": len(train), "seed": run["seed"], **task.meta()}
-    if stage == "static":
-        meta["priors"] = fit_priors([s.values() for s in train if {"lvedv", "lvesv", "rvedv", "rvesv", "lv_mass"} <= set(s.measures)])
+    meta = {"preset": p.name, "schedule": SCHEDULE, "pred": PRED, "weighting": WEIGHTING, "norm": norm,
+            "vae_scale": vae_meta["scale"], "grid": dataclasses.asdict(p.grid), "train_subjects": len(train),
+            "seed": run["seed"], **task.meta()}
+    if stage == "static":  # the prior is fitted on the labelled subjects, whose measures are known
+        labelled = [s.values() for s in train if {"lvedv", "lvesv", "rvedv", "rvesv", "lv_mass"} <= set(s.measures)]
+        meta["priors"] = fit_priors(labelled)
 
     log = RunLog(out, total, start)
     seconds0 = history[-1]["seconds"] if history else 0
@@ -147,10 +150,12 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
                                    for i in range(N_BUCKETS)})
                 bucket_sum.zero_(), bucket_n.zero_()
                 val_loss = held_out_loss(task, ema, val or train, sched, norm, dx_vocab, dev)
-                history.append({"step": done, "val_loss": val_loss, "seconds": round(seconds0 + log.bar.format_dict["elapsed"])})
+                seconds = round(seconds0 + log.bar.format_dict["elapsed"])
+                history.append({"step": done, "val_loss": val_loss, "seconds": seconds})
                 log.eval(done, {"val_loss": val_loss})
                 save_checkpoint(ckpt_path, ema, stage, cfg, {**meta, "step": done, "history": history})
-                save_state(state_path, model, opt, ema, done, {"sampler": sampler.state(), "history": json.dumps(history)})
+                save_state(state_path, model, opt, ema, done,
+                           {"sampler": sampler.state(), "history": json.dumps(history)})
     log.close()
     return str(ckpt_path)
 

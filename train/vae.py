@@ -24,8 +24,8 @@ from cine import LABELS, DataError, UserError
 from nets.config import GridConfig, VAEConfig, get_preset
 from nets.vae import VAE
 from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load_checkpoint, load_state,
-                          lr_at, make_ema, read_split, save_checkpoint, save_state, select_device,
-                          update_ema, write_split)
+                          lr_at, make_ema, read_split, resumed_settings, save_checkpoint, save_state,
+                          select_device, update_ema, write_split)
 
 KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
                      # while the latent stays informative (posterior std well below 1)
@@ -48,7 +48,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     if resume:
         if not state_path.is_file():
             raise UserError(f"nothing to resume in {out} (no vae.state.pt); run without --resume to start")
-        run = _resumed_settings(out / "run.json", run)
+        run = resumed_settings(out / "run.json", run)
     elif state_path.exists() or best_path.exists() or last_path.exists():
         raise UserError(f"{out} already holds a VAE run; pass --resume to continue it or choose another --out")
     p = get_preset(run["preset"])
@@ -119,17 +119,6 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     log.note(f"best checkpoint: step {best.get('step')} ({best_path})")
     log.close()
     return str(best_path)
-
-
-def _resumed_settings(path: Path, given: dict) -> dict:
-    """The recorded run settings, with those given again on the command line taking over."""
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"cannot resume: {path} is missing or unreadable") from None
-    if given["preset"] != run["preset"]:
-        raise UserError(f"this run uses preset {run['preset']!r}; resume it with --preset {run['preset']}")
-    return {**run, **{k: v for k, v in given.items() if v is not None and k not in ("preset", "seed")}}
 
 
 def _batch(train, frames, labelled, sampler: FrameSampler, bs: int):
