@@ -132,11 +132,20 @@ def _train_ldm(stage):
     @click.option("--vae", "vae_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                   help="vae.safetensors [runs/vae/vae.safetensors].")
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path(f"runs/{stage}"), show_default=True)
+    @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                  help=f"Start from these {stage}.safetensors weights (e.g. weights/{stage}.safetensors to fine-tune "
+                       "the shipped model on your data); optimiser and schedule start afresh.")
     @_common_train
     def command(data, vae_path, out, **kw):
         import importlib
+        if "temporal" in kw:
+            kw["temporal"] = kw["temporal"] or None  # not given: on --resume the run's own setting holds
         run = getattr(importlib.import_module(f"train.{stage}"), f"train_{stage}")
         click.echo(run(data, vae_path or Path("runs/vae/vae.safetensors"), out, **kw))
+    if stage == "motion":
+        command = click.option("--temporal", is_flag=True,
+                               help="Add a temporal attention layer over the frames of a subject "
+                                    "(measured against none on the model card).")(command)
     return command
 
 

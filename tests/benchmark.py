@@ -68,7 +68,7 @@ def networks(preset, weights=None):
 
 @torch.no_grad()
 def forward_costs(p, vae, static, motion, frames):
-    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses."""
+    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses (vae None: denoisers only)."""
     C, X, Y, Z = p.latent_shape()
     out = {}
     for name, net, batch in (("static", static, 2), ("motion", motion, 2 * frames)):
@@ -78,6 +78,8 @@ def forward_costs(p, vae, static, motion, frames):
         cond = cond_for(net.cfg, batch)
         call = lambda: net(x, t, cond, ctx=ctx, frames=frames if net.cfg.phase else None)  # noqa: E731
         out[name] = (flops(call), median_time(call, repeats=3), batch)
+    if vae is None:
+        return out
     z = torch.randn(8, C, X, Y, Z).to(memory_format=CL)
     out["decoder"] = (flops(lambda: vae.decode(z)), median_time(lambda: vae.decode(z), repeats=3), 8)
     return out
@@ -160,8 +162,8 @@ def main():
         print(f"  {name:<8} batch {batch:3d}: {rate:.3f} steps/s")
 
     if not args.skip_paper:
-        pp, pvae, pstatic, pmotion = networks("paper")
-        pc = forward_costs(pp, pvae.to(memory_format=CL), pstatic.to(memory_format=CL),
+        pp, _, pstatic, pmotion = networks("paper")
+        pc = forward_costs(pp, None, pstatic.to(memory_format=CL),
                            pmotion.to(memory_format=CL), 2)
         f_static, t_static, _ = pc["static"]          # batch 2 = one subject with guidance
         f_motion, t_motion, _ = pc["motion"]          # batch 4 = two frames with guidance

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 import train.ldm as ldm
-from cine import UserError
+from cine import DataError, UserError
 from train.common import load_checkpoint
 from train.motion import MotionTask
 from train.static import StaticTask
@@ -79,3 +79,48 @@ def test_motion_batches_group_frames_and_measure_residuals(tiny_phantom, tiny_we
     assert ((cond["phase"] >= 0) & (cond["phase"] < 1)).all()
     assert 0.3 < float(torch.cat([torch.from_numpy((s.z - s.z[s.ed])[..., :s.n_slices]).flatten()
                                   for s in subjects]).std()) * task.residual_scale < 3
+
+
+@pytest.mark.parametrize("task", [StaticTask, MotionTask], ids=["static", "motion"])
+def test_init_fine_tunes_from_given_weights(tiny_phantom, tiny_weights, tmp_path, task):
+    """--init starts from the given weights and keeps their normalisation; a foreign checkpoint is refused."""
+    name = f"{task.stage}.safetensors"
+    init = tiny_weights / name
+    run = dict(preset="tiny", steps=1, batch_size=4, cache=tmp_path / "cache", lr=1e-12)
+    out = ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors", tmp_path / "ft", init=init, **run)
+    start, _, meta0 = load_checkpoint(init)
+    tuned, _, meta = load_checkpoint(out)
+    assert all(torch.allclose(tuned[k].float(), start[k].float(), atol=1e-6) for k in start)
+    assert meta["norm"] == meta0["norm"] and meta.get("residual_scale") == meta0.get("residual_scale")
+    fresh, _, _ = load_checkpoint(ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors",
+                                                tmp_path / "fresh", **run))
+    assert not all(torch.allclose(fresh[k].float(), start[k].float(), atol=1e-3) for k in start)
+    other = tiny_weights / ("motion.safetensors" if task.stage == "static" else "static.safetensors")
+    with pytest.raises(DataError, match="expected a"):
+        ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors", tmp_path / "bad", init=other, **run)
+
+
+def test_temporal_layer_added_to_motion_weights_starts_as_identity(tiny_phantom, tiny_weights, tmp_path):
+    from nets.unet import UNet
+    from train.common import config_from_dict
+    from nets.config import UNetConfig
+    init = tiny_weights / "motion.safetensors"
+    out = ldm.train_ldm(MotionTask(), tiny_phantom, tiny_weights / "vae.safetensors", tmp_path / "t", init=init,
+                        temporal=True, preset="tiny", steps=1, batch_size=4, cache=tmp_path / "cache", lr=1e-12)
+    start, config0, _ = load_checkpoint(init)
+    tuned, config, _ = load_checkpoint(out)
+    assert config["temporal"] and not config0["temporal"]
+    assert {k for k in tuned if k.startswith("temporal.")} and set(start) < set(tuned)
+    nets = []
+    for state, cfg in ((start, config0), (tuned, config)):
+        net = UNet(config_from_dict(UNetConfig, cfg)).eval()
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        nets.append(net)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((4, config["in_ch"], 8, 8, 4), generator=g)
+    ctx = torch.randn((4, config["ctx_ch"], 8, 8, 4), generator=g)
+    cond = {"dx": torch.tensor([0, 1, 2, 3]), "scalars": torch.zeros(4, 4), "present": torch.ones(4, 4, dtype=torch.bool),
+            "phase": torch.tensor([0.0, 0.25, 0.5, 0.75])}
+    with torch.no_grad():
+        a, b = (net(x, torch.full((4,), 300), cond, ctx=ctx, frames=4) for net in nets)
+    assert torch.allclose(a, b, atol=1e-5)

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cine import UserError
+from cine import DataError, UserError
 from cine.priors import fit_priors
 from nets.config import get_preset
 from nets.diffusion import diffusion_loss, make_schedule, q_sample, timestep_buckets
 from nets.unet import UNet
-from train.common import (FrameSampler, RunLog, autocast, load_state, lr_at, make_ema, read_split,
-                          resumed_settings, save_checkpoint, save_state, select_device, update_ema,
+from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load_checkpoint, load_state,
+                          lr_at, make_ema, read_split, resumed_settings, save_checkpoint, save_state, select_device, update_ema,
                           write_split)
 from train.latents import encode_dataset
 
@@ -56,13 +56,19 @@ def cond_tensors(rows, names, norm, dx_vocab) -> dict:
 
 
 def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False,
-              device="cpu", seed=0, skip_bad=False, cache=None, ckpt_every=250) -> str:
-    """Train one latent diffusion stage; returns the path of out/<stage>.safetensors (the EMA weights)."""
+              device="cpu", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None, temporal=None) -> str:
+    """Train one latent diffusion stage; returns the path of out/<stage>.safetensors (the EMA weights).
+
+    init: a <stage>.safetensors to start from (fine-tuning): its weights, condition normalisation and
+    target scale are kept; optimiser, learning-rate schedule and step count start afresh.
+    temporal: add the temporal attention layer (UNetConfig.temporal) to the preset's network; with
+    init, weights without that layer may be given (it starts as the identity).
+    """
     out, stage = Path(out), task.stage
     dev = select_device(device)
     ckpt_path, state_path = out / f"{stage}.safetensors", out / f"{stage}.state.pt"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-           "vae": str(Path(vae_path).resolve())}
+           "vae": str(Path(vae_path).resolve()), "init": init and str(Path(init).resolve()), "temporal": temporal or None}
     if resume:
         if not state_path.is_file():
             raise UserError(f"nothing to resume in {out} (no {state_path.name}); run without --resume to start")
@@ -82,15 +88,18 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     train_ids, val_ids = (read_split(out, by_id) if resume else write_split(out, list(by_id), VAL_FRACTION, run["seed"]))
     train, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
     dx_vocab = sorted({s.dx for s in train if s.dx})
-    cfg = dataclasses.replace(getattr(p, stage), dx_vocab=tuple(dx_vocab))
+    cfg = dataclasses.replace(getattr(p, stage), dx_vocab=tuple(dx_vocab), temporal=bool(run.get("temporal")))
     if vae_meta["grid"] != p.grid:
         raise UserError(f"the VAE {run['vae']} was trained on another grid than preset {p.name!r}")
     norm = normaliser(train, cfg.scalars)
     task.fit(train)
 
     torch.manual_seed(run["seed"])
+    model = UNet(cfg)
+    if run.get("init"):
+        norm = load_init(run["init"], model, task, cfg, vae_meta["scale"])
     # channels_last_3d: on the CPU, conv3d's weight gradient is several times faster in this layout.
-    model = UNet(cfg).to(dev, memory_format=torch.channels_last_3d)
+    model = model.to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
     sched = make_schedule(SCHEDULE)
@@ -158,6 +167,26 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
                            {"sampler": sampler.state(), "history": json.dumps(history)})
     log.close()
     return str(ckpt_path)
+
+
+def load_init(path, model, task, cfg, vae_scale) -> dict:
+    """Load the weights at `path` into `model` for fine-tuning; returns their condition normalisation.
+
+    The checkpoint must be of this stage, built like `cfg` (same preset and diagnoses) and trained on
+    latents of a VAE with the same scale; otherwise the weights would mean something else here.
+    """
+    state, config, meta = load_checkpoint(path, task.stage)
+    given = config_from_dict(type(cfg), config)
+    if given != cfg and given != dataclasses.replace(cfg, temporal=False):
+        raise DataError(path, f"its network differs from this run's (preset or diagnoses {list(cfg.dx_vocab)}); "
+                              "fine-tune with the same --preset on data with the same diagnoses")
+    if not math.isclose(meta.get("vae_scale", float("nan")), vae_scale, rel_tol=1e-3):
+        raise DataError(path, "it was trained on the latents of another VAE; give that VAE with --vae")
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if unexpected or any(not k.startswith("temporal.") for k in missing):  # only a new temporal layer may be missing
+        raise DataError(path, f"its weights do not fit this network ({(unexpected + missing)[0]})")
+    task.load_meta(meta)
+    return {k: tuple(v) for k, v in meta["norm"].items()}
 
 
 @torch.no_grad()

@@ -38,6 +38,10 @@ class MotionTask:
     def meta(self) -> dict:
         return {"residual_scale": self.residual_scale, "frames_per_subject": FRAMES}
 
+    def load_meta(self, meta: dict) -> None:
+        """Fine-tuning keeps the scale the weights were trained with."""
+        self.residual_scale = float(meta["residual_scale"])
+
     def batch(self, subjects, sampler, bs, norm, dx_vocab):
         n_subj = max(1, bs // FRAMES)
         x0, ctx, rows = [], [], []

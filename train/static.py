@@ -22,6 +22,9 @@ class StaticTask:
     def meta(self) -> dict:
         return {}
 
+    def load_meta(self, meta: dict) -> None:
+        pass
+
     def batch(self, subjects, sampler, bs, norm, dx_vocab):
         """bs random subjects' ED latents (B, C, X, Y, Z) with their conditions."""
         picks = [subjects[i] for i in sampler.indices(len(subjects), bs)]
