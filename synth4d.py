@@ -226,6 +226,8 @@ def generate(out, **kw):
 @click.option("--control", is_flag=True, help="Requested vs measured priors and diagnosis consistency.")
 @click.option("--coherence", is_flag=True, help="Temporal coherence of volume curves, images and mask topology.")
 @click.option("--recon", is_flag=True, help="VAE reconstruction on REAL: PSNR, SSIM, Dice, HD95.")
+@click.option("--agreement", is_flag=True,
+              help="Image-mask agreement: the VAE's mask head on GENERATED images vs the generated masks (Dice).")
 @click.option("--i3d", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="I3D weights (PyTorch state dict or TorchScript export) for true FVD.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,

@@ -239,8 +239,32 @@ def test_eval_end_to_end_on_generated_subjects(tiny_phantom, tiny_weights, tmp_p
     run_cli("generate", "--weights", tiny_weights, "--n", 4, "--frames", 6, "--steps", 3, out)
     result = run_cli("eval", tiny_phantom, out, "--weights", tiny_weights, "--json")
     report = json.loads(result.stdout)
-    assert {"fvd_vae", "control", "coherence", "recon"} <= set(report)
+    assert {"fvd_vae", "control", "coherence", "recon", "agreement"} <= set(report)
+    assert report["agreement"]["frames"] == 4 * 6 and all(0 <= d <= 1 for d in report["agreement"]["dice"].values())
     assert "fvd" not in report  # without I3D weights the VAE-feature distance must not be called FVD
     assert report["fvd_vae"]["value"] >= 0 and report["fvd_vae"]["real_halves"] >= 0
     lvedv = report["control"]["priors"]["lvedv"]
     assert lvedv["n"] == 4 and -1 <= lvedv["r"] <= 1 and lvedv["mae"] >= 0
+
+
+def test_image_mask_agreement_scores_the_pairing(tiny_vae, tmp_path, monkeypatch):
+    """A stand-in mask head that reads labels off the intensities agrees with the right masks, not with swapped ones."""
+    import train.vae
+    geom = nifti.Geometry.from_spacing((PX, PX, SLICE), frame_ms=300.0)
+    subjects = [_fake_subject(radii, lengths)[1] for _, radii, lengths in FAKE[:2]]
+    for name, masks in (("right", subjects), ("swapped", subjects[::-1])):
+        for i, (mask, paired) in enumerate(zip(subjects, masks)):
+            nifti.write(tmp_path / name / f"synth_{i:04d}.nii.gz", mask.astype(np.int16) * 300, geom)
+            nifti.write(tmp_path / name / f"synth_{i:04d}_mask.nii.gz", paired, geom, kind="mask")
+
+    def labels_from_intensity(model, image, device):  # image on the grid in [-1, 1]: label l was -1 + 2 l / 3
+        labels = np.clip(np.rint((image + 1) * 1.5), 0, 3).astype(int)
+        return image, np.moveaxis(np.eye(4, dtype=np.float32)[labels], -1, 0)  # (C, X, Y, Z, T)
+
+    monkeypatch.setattr(train.vae, "reconstruct", labels_from_intensity)
+    right = evaluate(tmp_path / "right", tmp_path / "right", agreement=True, weights=tiny_vae)["agreement"]
+    swapped = evaluate(tmp_path / "right", tmp_path / "swapped", agreement=True, weights=tiny_vae)["agreement"]
+    assert right["subjects"] == 2 and right["frames"] == 2 * 3
+    # The tiny grid (6 mm) blurs the 5-px RV box and the 3-px ring through resampling there and back.
+    assert right["dice"]["LV"] > 0.9 and right["dice"]["MYO"] > 0.7 and right["dice"]["RV"] > 0.4, right
+    assert swapped["dice"]["LV"] < right["dice"]["LV"] - 0.15 and swapped["dice"]["MYO"] < right["dice"]["MYO"] - 0.15

@@ -28,7 +28,7 @@ from cine.diagnosis import CRITERIA, NOT_CHECKED, meets
 from cine.measures import clinical_measures, volume_curve, wall_thickness
 from cine.metrics import (bias, components_per_slice, dice, frechet_distance, gaussian_stats, hd95, mae, pearson,
                           psnr, ssim, temporal_smoothness)
-from cine.prep import prepare_subject
+from cine.prep import prepare_subject, to_source
 from nets.config import GridConfig
 from nets.i3d import SIZE as I3D_SIZE
 from train.common import autocast, select_device
@@ -46,8 +46,8 @@ COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, l
              "(real: full-cycle masks, else the labelled frames)")
 
 
-def evaluate(real, generated=None, fvd=False, control=False, coherence=False, recon=False, i3d=None,
-             weights=None, device="cpu") -> dict:
+def evaluate(real, generated=None, fvd=False, control=False, coherence=False, recon=False, agreement=False,
+             i3d=None, weights=None, device="cpu") -> dict:
     """Every requested metric (none requested: all that apply) as a JSON-serialisable dict."""
     if real is None:
         raise UserError("eval needs REAL, a data set to compare against (GENERATED is optional)")
@@ -55,25 +55,27 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     gen_ds = scan(generated) if generated is not None else None
     manifest = _manifest(generated) if generated is not None else None
     vae_path = Path(weights or shipped.DIR) / "vae.safetensors"
-    if not (fvd or control or coherence or recon):
+    if not (fvd or control or coherence or recon or agreement):
         fvd = gen_ds is not None and (i3d is not None or vae_path.is_file())
         control = coherence = manifest is not None
         recon = vae_path.is_file()
+        agreement = gen_ds is not None and vae_path.is_file()
         if not (fvd or control or coherence or recon):
             raise UserError(f"nothing to evaluate: give a GENERATED set (FVD needs --i3d or a VAE), or a VAE for "
                             f"--recon (none at {vae_path}; pass --weights)")
-    if (fvd or control or coherence) and gen_ds is None:
-        raise UserError("--fvd, --control and --coherence compare a GENERATED set with REAL; give both folders")
+    if (fvd or control or coherence or agreement) and gen_ds is None:
+        raise UserError("--fvd, --control, --coherence and --agreement need a GENERATED set beside REAL; "
+                        "give both folders")
     if (control or coherence) and manifest is None:
         raise UserError(f"{generated} has no manifest.csv: --control and --coherence need a set made by "
                         "`synth4d generate`")
-    if (recon or (fvd and i3d is None)) and not vae_path.is_file():
-        what = "--recon" if recon else "--fvd without --i3d (fvd_vae)"
+    if (recon or agreement or (fvd and i3d is None)) and not vae_path.is_file():
+        what = "--recon" if recon else "--agreement" if agreement else "--fvd without --i3d (fvd_vae)"
         raise UserError(f"{what} needs a VAE: no vae.safetensors in {vae_path.parent}; pass --weights")
 
     dev = select_device(device)
     vae = None
-    if recon or (fvd and i3d is None):
+    if recon or agreement or (fvd and i3d is None):
         from train.vae import load_vae
         vae = load_vae(vae_path, dev)
     result = {"real": {"path": str(real), "layout": real_ds.layout, "subjects": len(real_ds.refs)}}
@@ -93,6 +95,8 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
                                "generated": coherence_stats(gen_ds, grid, generated=True), "protocol": COHERENCE}
     if recon:
         result["recon"] = reconstruction(real_ds, *vae, dev, vae_path)
+    if agreement:
+        result["agreement"] = image_mask_agreement(gen_ds, *vae, dev, vae_path)
     return _clean(result)
 
 
@@ -332,6 +336,30 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
             "grid": dataclasses.asdict(grid), "intensity": "images in [-1, 1] (cine.prep), PSNR/SSIM data range 2"}
 
 
+def image_mask_agreement(gen_ds, model, meta, device, path) -> dict:
+    """Do generated images and masks agree? The VAE's mask head segments each generated image on its own
+    (as `synth4d segment` does: on the VAE grid, mapped back to the file's grid) and is scored against
+    the generated mask: Dice per structure over every frame with a mask."""
+    from train.vae import reconstruct
+
+    per, subjects = {c: [] for c in STRUCTURES}, 0
+    for s in _subjects(gen_ds, "image-mask agreement"):
+        truth = full_cycle_mask(s, generated=True)
+        if truth is None:
+            continue
+        p = prepare_subject(s, meta["grid"])
+        _, prob = reconstruct(model, p.image, device)                     # (C, X, Y, Z, T) on the VAE grid
+        pred = to_source(prob, p).argmax(axis=0)                          # (X, Y, Z, T) on the file's grid
+        subjects += 1
+        for t in range(truth.shape[3]):
+            if truth[..., t].any():
+                for c, d in dice(pred[..., t], truth[..., t], labels=STRUCTURES).items():
+                    per[c].append(d)
+    return {"dice": {LABELS[c]: _mean(v) for c, v in per.items()}, "frames": len(per[1]), "subjects": subjects,
+            "checkpoint": str(path), "protocol": "the VAE's mask head on each generated image vs the generated mask, "
+                                                 "Dice per structure, every frame with labels"}
+
+
 # ---- output ------------------------------------------------------------------------------
 
 def _clean(obj):
@@ -395,4 +423,9 @@ def format_table(result: dict) -> str:
         lines += [f"  {kind:<10} {s:<4} Dice {_f(v['dice'], '.3f')}  HD95 {_f(v['hd95_mm'], '.2f')} mm  "
                   f"({v['frames']} frames)"
                   for kind, per in r["masks"].items() for s, v in per.items()]
+    if "agreement" in result:
+        a = result["agreement"]
+        lines += ["", f"image-mask agreement ({a['subjects']} subjects, {a['frames']} frames; the VAE's mask head on "
+                      "generated images vs generated masks): "
+                      + ", ".join(f"Dice {k} {_f(v, '.3f')}" for k, v in a["dice"].items())]
     return "\n".join(lines)
