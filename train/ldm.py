@@ -23,8 +23,8 @@ from nets.config import get_preset
 from nets.diffusion import diffusion_loss, make_schedule, q_sample, timestep_buckets
 from nets.unet import UNet
 from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load_checkpoint, load_state,
-                          lr_at, make_ema, read_split, resumed_settings, save_checkpoint, save_state, select_device, update_ema,
-                          write_split)
+                          lr_at, make_ema, read_split, resumed_settings, save_checkpoint, save_state,
+                          select_device, update_ema, write_split)
 from train.latents import encode_dataset
 
 SCHEDULE, PRED = "cosine", "v"
