@@ -73,20 +73,32 @@ def pred_to_x0_eps(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, sched:
 
 def diffusion_loss(model_out, x0, eps, t, sched: Schedule, pred: str = "v", weighting: str = "none",
                    gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample (B,) mean squared error against the eps or v target, optionally min-SNR-gamma weighted."""
+    """Per-sample (B,) mean squared error against the eps or v target, optionally SNR-weighted.
+
+    weighting: "none"; "min_snr", Hang et al.'s min(SNR, gamma) on the x0 error; or "min_snr_v",
+    min(SNR + 1, gamma) on the x0 error (v-prediction only): the plain v loss, whose x0 weight is
+    SNR + 1, capped at gamma. "min_snr" gives the noisiest steps no weight at all, and the trailing DDIM
+    schedule starts at zero SNR, where the prediction rests on the conditions alone: there a model
+    trained with it predicts almost nothing, and the samples follow the noise more than the conditions.
+    """
     if pred not in ("eps", "v"):
         raise ValueError(f"unknown prediction {pred!r}; choose eps or v")
     target = eps if pred == "eps" else v_target(x0, eps, t, sched)
     mse = (model_out - target).float().square().flatten(1).mean(1)  # (B,)
     if weighting == "none":
         return mse
-    if weighting != "min_snr":
-        raise ValueError(f"unknown weighting {weighting!r}; choose none or min_snr")
     abar = sched.alphas_cumprod[t.long().cpu()]
     snr = abar / (1 - abar)
-    # Hang et al. Eq. 7 gives min(SNR, gamma) as a weight on the x0 error; the eps error is SNR times,
-    # and the v error SNR + 1 times, the x0 error (squared), hence the division.
-    weight = snr.clamp(max=gamma) / (snr if pred == "eps" else snr + 1)
+    # The eps error is SNR times, and the v error SNR + 1 times, the x0 error (squared): a weight w on
+    # the x0 error is w / SNR on the eps loss and w / (SNR + 1) on the v loss.
+    if weighting == "min_snr":
+        weight = snr.clamp(max=gamma) / (snr if pred == "eps" else snr + 1)   # Hang et al. Eq. 7
+    elif weighting == "min_snr_v":
+        if pred != "v":
+            raise ValueError("weighting 'min_snr_v' needs v-prediction")
+        weight = (snr + 1).clamp(max=gamma) / (snr + 1)
+    else:
+        raise ValueError(f"unknown weighting {weighting!r}; choose none, min_snr or min_snr_v")
     return mse * weight.to(device=mse.device, dtype=mse.dtype)
 
 

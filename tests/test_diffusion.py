@@ -72,6 +72,24 @@ def test_loss_is_per_sample_and_min_snr_weighted():
         assert diffusion_loss(target, x0, eps, t, sched, pred).abs().max() == 0
     with pytest.raises(ValueError):
         diffusion_loss(out, x0, eps, t, sched, "x0")
+    with pytest.raises(ValueError):
+        diffusion_loss(out, x0, eps, t, sched, "eps", weighting="min_snr_v")
+
+
+def test_min_snr_v_keeps_the_noisiest_steps():
+    """min_snr_v: the v loss unchanged while SNR + 1 <= gamma, capped above; min_snr would drop t = T."""
+    sched = make_schedule("cosine")
+    t = torch.tensor([0, 500, 900, 999])
+    x0, eps = torch.ones(4, 3), torch.zeros(4, 3)
+    out = torch.zeros_like(x0)
+    plain = diffusion_loss(out, x0, eps, t, sched, "v")
+    abar = sched.alphas_cumprod[t].numpy()
+    snr = abar / (1 - abar)
+    expected = plain.numpy() * np.minimum(snr + 1, 5.0) / (snr + 1)
+    got = diffusion_loss(out, x0, eps, t, sched, "v", weighting="min_snr_v")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    assert got[3] > 0.99 * plain[3]                                          # zero SNR: full weight
+    assert diffusion_loss(out, x0, eps, t, sched, "v", weighting="min_snr")[3] < 1e-3 * plain[3]
 
 
 def test_timesteps_and_buckets():

@@ -28,7 +28,9 @@ from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load
 from train.latents import encode_dataset
 
 SCHEDULE, PRED = "cosine", "v"
-WEIGHTING = "min_snr"                 # Hang et al. 2023: several times faster convergence for few steps
+# v loss capped at SNR + 1 = 5 (nets.diffusion): min-SNR's fast convergence without its blind spot at
+# zero SNR, where the first DDIM step predicts from the conditions alone.
+WEIGHTING = "min_snr_v"
 P_DROP_ALL, P_DROP_EACH = 0.1, 0.15   # CFG dropout: all conditions together, and each on its own
 EMA_DECAY = 0.999
 VAL_FRACTION = 0.1                    # same fraction and seed as the VAE: the same subjects are held out
