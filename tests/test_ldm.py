@@ -1,6 +1,8 @@
 """The latent diffusion stages: self-describing checkpoints, exact resume, condition tensors."""
 import math
+import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -124,3 +126,27 @@ def test_temporal_layer_added_to_motion_weights_starts_as_identity(tiny_phantom,
     with torch.no_grad():
         a, b = (net(x, torch.full((4,), 300), cond, ctx=ctx, frames=4) for net in nets)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_latent_cache_is_per_subject(tiny_phantom, tiny_weights, tmp_path):
+    """Adding a subject encodes only that one; an unreadable cache file is encoded afresh, never trusted."""
+    from train.latents import encode_dataset
+    vae = tiny_weights / "vae.safetensors"
+    part = tmp_path / "part"
+    shutil.copytree(tiny_phantom, part)
+    dropped = sorted(p for p in part.iterdir() if p.is_dir())[-1]
+    shutil.rmtree(dropped)
+    cache = tmp_path / "cache"
+    first, _ = encode_dataset(part, vae, cache=cache)
+    files = sorted((cache / "latents").rglob("*.npy"))
+    assert len(files) == len(first)
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    full, _ = encode_dataset(tiny_phantom, vae, cache=cache)
+    assert len(full) == len(first) + 1 and len(list((cache / "latents").rglob("*.npy"))) == len(full)
+    assert all(f.stat().st_mtime_ns == t for f, t in stamps.items())            # none re-encoded
+    by_id = {s.id: s for s in full}
+    assert all(np.array_equal(s.z, by_id[s.id].z) for s in first)
+    files[0].write_bytes(b"not a latent")
+    again, _ = encode_dataset(tiny_phantom, vae, cache=cache)
+    fresh, _ = encode_dataset(tiny_phantom, vae, cache=tmp_path / "fresh")
+    assert all(np.array_equal(a.z, b.z) for a, b in zip(again, fresh))

@@ -23,7 +23,7 @@ from cine.prep import default_cache_dir, prepare_dataset
 from train.common import autocast, select_device
 from train.vae import load_vae
 
-LATENT_VERSION = 1
+LATENT_VERSION = 2
 DEFAULT_RR_MS = 1000.0  # cycle length when a data set does not record the frame duration
 
 
@@ -57,41 +57,52 @@ def _file_digest(path) -> str:
     return h.hexdigest()[:16]
 
 
+def _latent_path(folder: Path, s) -> Path:
+    """The cache file of one prepared subject: named by its image's content, so renamed or added subjects
+    reuse what is already encoded and a changed image is encoded afresh."""
+    h = hashlib.blake2b(np.ascontiguousarray(s.image, dtype=np.float16).tobytes(), digest_size=16)
+    h.update(json.dumps([LATENT_VERSION, s.image.shape]).encode())
+    return folder / f"{h.hexdigest()}.npy"
+
+
+def _read_latent(path: Path, frames: int):
+    """The cached latent at `path`, or None if it is missing or unreadable (then it is encoded afresh)."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return z.astype(np.float32) if z.ndim == 5 and z.shape[0] == frames else None
+
+
 @torch.no_grad()
 def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", batch=16):
-    """-> (list[LatentSubject], vae meta). Cached under cache/latents/ by VAE file and prepared data."""
+    """-> (list[LatentSubject], vae meta). Each subject's latent is cached under cache/latents/<VAE>/,
+    so adding subjects to a data set encodes only the new ones."""
     dev = select_device(device)
     vae, meta = load_vae(vae_path, dev)
     if "scale" not in meta or "grid" not in meta:
         raise DataError(vae_path, "VAE checkpoint lacks its measured latent scale or grid; retrain or pass a finished run")
     subjects = prepare_dataset(data, meta["grid"], cache_dir=cache, skip_bad=skip_bad)
-    key = hashlib.sha256(json.dumps([LATENT_VERSION, _file_digest(vae_path), str(Path(data).resolve()),
-                                     sorted((s.id, s.image.shape, float(s.image[::7, ::7].sum())) for s in subjects)],
-                                    default=str).encode()).hexdigest()[:32]
-    path = Path(cache or default_cache_dir()) / "latents" / f"{key}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
-            info = json.loads(str(f["info"]))
-            return [LatentSubject(z=f[f"z{i}"].astype(np.float32), **row) for i, row in enumerate(info)], meta
-
+    folder = Path(cache or default_cache_dir()) / "latents" / _file_digest(vae_path)
+    folder.mkdir(parents=True, exist_ok=True)
     out, scale = [], float(meta["scale"])
     for s in tqdm(subjects, desc="encoding", unit="subject", file=sys.stderr, leave=False):
-        frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(s.image, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
-        zs = []
-        for chunk in frames.split(batch):
-            with autocast(dev):
-                zs.append(vae.encode(chunk.to(dev)).mode().float().cpu() * scale)       # (b, C, x, y, Z)
+        path = _latent_path(folder, s)
+        z = _read_latent(path, s.image.shape[3])
+        if z is None:
+            frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(s.image, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
+            zs = []
+            for chunk in frames.split(batch):
+                with autocast(dev):
+                    zs.append(vae.encode(chunk.to(dev)).mode().float().cpu() * scale)   # (b, C, x, y, Z)
+            z16 = torch.cat(zs).numpy().astype(np.float16)
+            tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+            with open(tmp, "wb") as f:
+                np.save(f, z16)
+            os.replace(tmp, path)
+            # Rounded as the cache stores it, so a run reading the cache sees exactly what the first run saw.
+            z = z16.astype(np.float32)
         rr = s.frame_ms * s.image.shape[3] if s.frame_ms else DEFAULT_RR_MS
         measures = {k: float(v) for k, v in s.measures.items() if v is not None and math.isfinite(v)}
-        # Rounded as the cache stores it, so a run reading the cache sees exactly what the first run saw.
-        z = torch.cat(zs).numpy().astype(np.float16).astype(np.float32)
-        out.append(LatentSubject(s.id, z, s.ed, s.es, s.n_slices, s.dx,
-                                 float(s.spacing[2]), float(rr), measures))
-    info = [{"id": s.id, "ed": s.ed, "es": s.es, "n_slices": s.n_slices, "dx": s.dx, "slice_mm": s.slice_mm,
-             "rr_ms": s.rr_ms, "measures": s.measures} for s in out]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    with open(tmp, "wb") as f:
-        np.savez(f, info=json.dumps(info), **{f"z{i}": s.z.astype(np.float16) for i, s in enumerate(out)})
-    os.replace(tmp, path)
+        out.append(LatentSubject(s.id, z, s.ed, s.es, s.n_slices, s.dx, float(s.spacing[2]), float(rr), measures))
     return out, meta
