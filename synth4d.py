@@ -135,6 +135,9 @@ def _train_ldm(stage):
     @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                   help=f"Start from these {stage}.safetensors weights (e.g. weights/{stage}.safetensors to fine-tune "
                        "the shipped model on your data); optimiser and schedule start afresh.")
+    @click.option("--weighting", type=click.Choice(["min_snr_v", "min_snr", "none"]), default=None,
+                  help="Loss weighting over noise levels [min_snr_v; on --resume, the run's own]. min_snr leaves "
+                       "the noisiest step untrained (see weights/README.md).")
     @_common_train
     def command(data, vae_path, out, **kw):
         import importlib

@@ -150,3 +150,17 @@ def test_latent_cache_is_per_subject(tiny_phantom, tiny_weights, tmp_path):
     again, _ = encode_dataset(tiny_phantom, vae, cache=cache)
     fresh, _ = encode_dataset(tiny_phantom, vae, cache=tmp_path / "fresh")
     assert all(np.array_equal(a.z, b.z) for a, b in zip(again, fresh))
+
+
+def test_weighting_is_a_recorded_run_setting(tiny_phantom, tiny_weights, tmp_path):
+    """The weighting defaults to min_snr_v, is stored in the checkpoint, and a resume keeps the run's own."""
+    run = dict(preset="tiny", batch_size=4, cache=tmp_path / "cache")
+    vae = tiny_weights / "vae.safetensors"
+    default = ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "a", steps=1, **run)
+    assert load_checkpoint(default)[2]["weighting"] == "min_snr_v"
+    ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "b", steps=1, weighting="min_snr", **run)
+    resumed = ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "b", steps=2, resume=True, **run)
+    assert load_checkpoint(resumed)[2]["weighting"] == "min_snr"
+    with pytest.raises(UserError, match="unknown loss weighting"):
+        ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "c", steps=1, weighting="snr", **run)
+    assert not (tmp_path / "c").exists()

@@ -31,6 +31,7 @@ SCHEDULE, PRED = "cosine", "v"
 # v loss capped at SNR + 1 = 5 (nets.diffusion): min-SNR's fast convergence without its blind spot at
 # zero SNR, where the first DDIM step predicts from the conditions alone.
 WEIGHTING = "min_snr_v"
+WEIGHTINGS = ("min_snr_v", "min_snr", "none")
 P_DROP_ALL, P_DROP_EACH = 0.1, 0.15   # CFG dropout: all conditions together, and each on its own
 EMA_DECAY = 0.999
 VAL_FRACTION = 0.1                    # same fraction and seed as the VAE: the same subjects are held out
@@ -58,25 +59,32 @@ def cond_tensors(rows, names, norm, dx_vocab) -> dict:
 
 
 def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False,
-              device="cpu", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None, temporal=None) -> str:
+              device="cpu", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None, temporal=None,
+              weighting=None) -> str:
     """Train one latent diffusion stage; returns the path of out/<stage>.safetensors (the EMA weights).
 
     init: a <stage>.safetensors to start from (fine-tuning): its weights, condition normalisation and
     target scale are kept; optimiser, learning-rate schedule and step count start afresh.
     temporal: add the temporal attention layer (UNetConfig.temporal) to the preset's network; with
     init, weights without that layer may be given (it starts as the identity).
+    weighting: the loss weighting (nets.diffusion.diffusion_loss), WEIGHTING if not given.
     """
     out, stage = Path(out), task.stage
     dev = select_device(device)
     ckpt_path, state_path = out / f"{stage}.safetensors", out / f"{stage}.state.pt"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-           "vae": str(Path(vae_path).resolve()), "init": init and str(Path(init).resolve()), "temporal": temporal or None}
+           "vae": str(Path(vae_path).resolve()), "init": init and str(Path(init).resolve()), "temporal": temporal or None,
+           "weighting": weighting}
     if resume:
         if not state_path.is_file():
             raise UserError(f"nothing to resume in {out} (no {state_path.name}); run without --resume to start")
         run = resumed_settings(out / "run.json", run)
     elif state_path.exists() or ckpt_path.exists():
         raise UserError(f"{out} already holds a {stage} run; pass --resume to continue it or choose another --out")
+    # A run recorded before the weighting was a setting trained with min_snr, the default then.
+    run["weighting"] = run.get("weighting") or ("min_snr" if resume else WEIGHTING)
+    if run["weighting"] not in WEIGHTINGS:
+        raise UserError(f"unknown loss weighting {run['weighting']!r}; choose {', '.join(WEIGHTINGS)}")
     p = get_preset(run["preset"])
     defaults = getattr(p, f"train_{stage}")
     total = run["steps"] = run["steps"] or defaults.steps
@@ -112,7 +120,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         sampler.set_state(extra["sampler"])
         history = json.loads(extra["history"])
     warmup = min(250, max(1, total // 20))
-    meta = {"preset": p.name, "schedule": SCHEDULE, "pred": PRED, "weighting": WEIGHTING, "norm": norm,
+    meta = {"preset": p.name, "schedule": SCHEDULE, "pred": PRED, "weighting": run["weighting"], "norm": norm,
             "vae_scale": vae_meta["scale"], "grid": dataclasses.asdict(p.grid), "train_subjects": len(train),
             "seed": run["seed"], **task.meta()}
     if stage == "static":  # the prior is fitted on the labelled subjects, whose measures are known
@@ -140,7 +148,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         with autocast(dev):
             x_t = q_sample(x0, t, eps, sched).contiguous(memory_format=torch.channels_last_3d)
             pred = model(x_t, t, cond, ctx=ctx, frames=frames)
-        per_sample = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED, weighting=WEIGHTING)  # (B,)
+        per_sample = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED, weighting=run["weighting"])  # (B,)
         loss = per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
