@@ -147,6 +147,7 @@ def test_latent_cache_is_per_subject(tiny_phantom, tiny_weights, tmp_path):
     by_id = {s.id: s for s in full}
     assert all(np.array_equal(s.z, by_id[s.id].z) for s in first)
     files[0].write_bytes(b"not a latent")
+    files[1].write_bytes(b"")
     again, _ = encode_dataset(tiny_phantom, vae, cache=cache)
     fresh, _ = encode_dataset(tiny_phantom, vae, cache=tmp_path / "fresh")
     assert all(np.array_equal(a.z, b.z) for a, b in zip(again, fresh))

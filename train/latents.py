@@ -69,7 +69,7 @@ def _read_latent(path: Path, frames: int):
     """The cached latent at `path`, or None if it is missing or unreadable (then it is encoded afresh)."""
     try:
         z = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):   # EOFError: an empty file
         return None
     return z.astype(np.float32) if z.ndim == 5 and z.shape[0] == frames else None
 
