@@ -56,7 +56,7 @@ def autocast(device):
     return contextlib.nullcontext()
 
 
-def _atomic(path: Path, write):
+def atomic_write(path: Path, write):
     """Call write(tmp) then rename tmp over path, so a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def save_checkpoint(path, model, stage: str, config, meta: dict | None = None) -
         if key in _RESERVED:
             raise ValueError(f"meta key {key!r} is reserved")
         metadata[key] = json.dumps(value)
-    return _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checkpoint(path, stage: str | None = None) -> tuple[dict, dict, dict]:
@@ -145,7 +145,7 @@ def save_state(path, model, optimizer, ema_model, step: int, extra: dict | None 
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
     }
-    return _atomic(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path, model, optimizer, ema_model) -> tuple[int, dict]:
@@ -225,7 +225,7 @@ def write_split(out, ids, val_fraction: float, seed: int) -> tuple[list, list]:
     from cine.prep import split_ids
     train_ids, val_ids = split_ids(list(ids), val_fraction, seed)
     record = {"seed": seed, "val_fraction": val_fraction, "train": list(train_ids), "val": list(val_ids)}
-    _atomic(Path(out) / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    atomic_write(Path(out) / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return list(train_ids), list(val_ids)
 
 
@@ -329,4 +329,4 @@ def export_half(src, dst) -> Path:
         metadata = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    return _atomic(Path(dst), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(Path(dst), lambda tmp: save_file(tensors, tmp, metadata=metadata))

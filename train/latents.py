@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 from cine import DataError
 from cine.prep import default_cache_dir, prepare_dataset
-from train.common import autocast, select_device
+from train.common import atomic_write, autocast, select_device
 from train.vae import load_vae
 
 LATENT_VERSION = 2
@@ -96,10 +95,7 @@ def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", bat
                 with autocast(dev):
                     zs.append(vae.encode(chunk.to(dev)).mode().float().cpu() * scale)   # (b, C, x, y, Z)
             z16 = torch.cat(zs).numpy().astype(np.float16)
-            tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-            with open(tmp, "wb") as f:
-                np.save(f, z16)
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: np.save(tmp, z16))   # tmp keeps the .npy suffix, so np.save adds none
             # Rounded as the cache stores it, so a run reading the cache sees exactly what the first run saw.
             z = z16.astype(np.float32)
         rr = s.frame_ms * s.image.shape[3] if s.frame_ms else DEFAULT_RR_MS
