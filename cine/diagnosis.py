@@ -55,3 +55,10 @@ def meets(dx: Optional[str], m: dict) -> Optional[bool]:
     if dx == "MINF":
         return m["lvef"] < 50
     return m["rvedv"] > RV_DILATED or m["rvef"] < 40
+
+
+def volumes_fit(dx: Optional[str], m: dict) -> bool:
+    """Whether volumes and EFs m can belong to group dx: its criteria less the wall thickness, which
+    volumes do not fix. True for an unknown group (nothing to check)."""
+    verdict = meets(dx, {**m, "max_wall": HYPERTROPHY_MM if dx == "HCM" else 0.0})
+    return verdict is None or bool(verdict)

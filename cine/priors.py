@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from cine import UserError
+from cine.diagnosis import volumes_fit
 
 # Drawn jointly, in log space. EFs follow from EDV and ESV.
 FIELDS = ("lvedv", "lvesv", "rvedv", "rvesv", "lv_mass", "slices", "slice_mm", "rr_ms")
@@ -75,7 +76,10 @@ def draw(priors, req, rng):
     """Complete a request: every FIELD filled, EFs derived. req: name -> value or None; dx may be None.
 
     Values given are kept exactly; the others are drawn from the diagnosis' Gaussian conditioned
-    on them (in log space), re-drawn (at most 50 times) until ESV < EDV on both sides.
+    on them (in log space), re-drawn (at most 50 times) until ESV < EDV on both sides and the
+    values meet the diagnosis' criteria (cine.diagnosis.volumes_fit): the Gaussian's tails reach
+    past them, and a "NOR" subject asked to have an LVEF of 40 % is not normal. When the given
+    values rule the criteria out, the first draw with ESV < EDV is kept.
     """
     dx = req.get("dx")
     if dx is None:
@@ -85,6 +89,7 @@ def draw(priors, req, rng):
     p = priors["dx"].get(dx, priors["all"]) if dx else priors["all"]
     fields = priors["fields"]
     mean, cov = np.asarray(p["mean"]), np.asarray(p["cov"])
+    first = None
     for _ in range(50):
         known = {f: req[f] for f in fields if req.get(f) is not None}
         for side in ("lv", "rv"):  # an EF with one volume fixes the other volume
@@ -111,12 +116,19 @@ def draw(priors, req, rng):
                 x[fields.index(f"{side}esv")] = x[fields.index(f"{side}edv")] + math.log(1 - ef / 100)
         out = {**dict(zip(fields, np.exp(x).tolist())), **known}  # given values exactly, not exp(log(v))
         if out["lvesv"] < out["lvedv"] and out["rvesv"] < out["rvedv"]:
-            break
+            first = first or out
+            if volumes_fit(dx, {**out, "lvef": _ef(out, "lv"), "rvef": _ef(out, "rv")}):
+                break
     else:
-        raise UserError(f"could not draw priors consistent with the request {req}")
+        if first is None:
+            raise UserError(f"could not draw priors consistent with the request {req}")
+        out = first
     lo, hi = p["lo"][fields.index("slices")], p["hi"][fields.index("slices")]
     out["slices"] = int(round(min(max(out["slices"], lo), hi)))
-    out["lvef"] = 100 * (out["lvedv"] - out["lvesv"]) / out["lvedv"]
-    out["rvef"] = 100 * (out["rvedv"] - out["rvesv"]) / out["rvedv"]
+    out["lvef"], out["rvef"] = _ef(out, "lv"), _ef(out, "rv")
     out["dx"] = dx
     return out
+
+
+def _ef(values, side) -> float:
+    return 100 * (values[f"{side}edv"] - values[f"{side}esv"]) / values[f"{side}edv"]

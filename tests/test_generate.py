@@ -155,3 +155,15 @@ def test_keyframes_interpolate_motion_but_keep_the_anatomy(tiny_weights, tmp_pat
     # Phase 0 is ED: the same static sample, untouched by how the motion frames were made.
     assert np.array_equal(k[0][..., 0], full[0][..., 0]) and np.array_equal(k[1][..., 0], full[1][..., 0])
     assert not np.array_equal(k[0][..., 1:], full[0][..., 1:])
+
+
+def test_manifest_updates_keep_the_rows_another_job_wrote(tmp_path):
+    # Two jobs side by side into one folder: each knows only its own subjects when it writes.
+    from train.generate import _read_manifest, _write_manifest
+    path = tmp_path / "manifest.csv"
+    _write_manifest(path, {"synth_0000": {"id": "synth_0000", "seed": 1}})
+    _write_manifest(path, {"synth_0002": {"id": "synth_0002", "seed": 3, "attempts": 1}})
+    _write_manifest(path, {"synth_0000": {"id": "synth_0000", "seed": 2}})   # a row is replaced, not repeated
+    rows = _read_manifest(path)
+    assert sorted(rows) == ["synth_0000", "synth_0002"] and rows["synth_0000"]["seed"] == "2"
+    assert rows["synth_0002"]["attempts"] == "1" and not list(tmp_path.glob(".tmp*"))

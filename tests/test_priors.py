@@ -6,10 +6,13 @@ from cine import UserError
 from cine.priors import check_request, draw, fit_priors
 
 
-def _records(n=30, seed=0):
+GROUPS = (("NOR", 140, 65), ("DCM", 270, 28), ("HCM", 110, 72))   # dx, mean LVEDV (mL), mean LVEF (%)
+
+
+def _records(n=30, seed=0, groups=GROUPS):
     rng = np.random.default_rng(seed)
     out = []
-    for dx, edv, ef in (("NOR", 140, 65), ("DCM", 270, 28), ("HCM", 110, 72)):
+    for dx, edv, ef in groups:
         for _ in range(n):
             e = edv * np.exp(rng.normal(0, 0.12))
             f = ef + rng.normal(0, 3)
@@ -28,6 +31,24 @@ def test_draw_follows_the_diagnosis():
     assert np.mean([d["lvef"] for d in dcm]) < 35 < 65 < np.mean([d["lvef"] for d in hcm])
     assert all(d["lvesv"] < d["lvedv"] and d["rvesv"] < d["rvedv"] for d in dcm + hcm)
     assert all(8 <= d["slices"] <= 12 and isinstance(d["slices"], int) for d in dcm)
+
+
+def test_drawn_values_meet_the_diagnosis_criteria():
+    from cine.diagnosis import volumes_fit
+    # Groups near their criteria's edges (NOR: LVEF >= 50, DCM: LVEDV > 190, HCM: LVEF > 55).
+    priors = fit_priors(_records(groups=(("NOR", 140, 55), ("DCM", 215, 28), ("HCM", 110, 60))))
+    fields, rng = priors["fields"], np.random.default_rng(4)
+    for dx in ("NOR", "DCM", "HCM"):
+        # The fitted Gaussian itself reaches past the group's criteria ...
+        p = priors["dx"][dx]
+        raw = np.exp(rng.multivariate_normal(p["mean"], p["cov"], size=2000))
+        m = {f: raw[:, i] for i, f in enumerate(fields)}
+        ef = {s: 100 * (m[f"{s}edv"] - m[f"{s}esv"]) / m[f"{s}edv"] for s in ("lv", "rv")}
+        outside = np.mean([not volumes_fit(dx, {"lvedv": m["lvedv"][j], "rvedv": m["rvedv"][j], "lvef": ef["lv"][j],
+                                                "rvef": ef["rv"][j]}) for j in range(2000)])
+        assert outside > 0.03, dx
+        # ... the drawn requests do not.
+        assert all(volumes_fit(dx, draw(priors, {"dx": dx}, rng)) for _ in range(300)), dx
 
 
 def test_given_values_are_kept_and_pull_the_rest():

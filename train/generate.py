@@ -32,6 +32,11 @@ from train.common import config_from_dict, load_checkpoint, select_device
 from train.ldm import cond_tensors
 from train.vae import load_vae
 
+try:
+    import fcntl           # POSIX: serialises the manifest updates of jobs writing into one folder
+except ImportError:        # elsewhere: one job per output folder
+    fcntl = None
+
 CSV_COLUMNS = ("dx", "lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass", "frames")
 MAX_ATTEMPTS = 3        # re-draws of a subject that fails the plausibility check
 MEASURED = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass")
@@ -233,13 +238,19 @@ def _read_manifest(path) -> dict:
 
 
 def _write_manifest(path, rows: dict):
-    buf = io.StringIO()
-    columns = list(next(iter(rows.values())))
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for sid in sorted(rows):
-        writer.writerow(rows[sid])
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+    """Write rows merged with those already on disk, under a lock: two jobs generating different
+    subjects into one folder (e.g. --start 0 and --start 50 side by side) keep each other's rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with open(path.with_name(".manifest.lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = {**_read_manifest(path), **rows}
+        buf = io.StringIO()
+        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for sid in sorted(rows):
+            writer.writerow(rows[sid])
+        tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, path)
