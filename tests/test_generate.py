@@ -157,6 +157,18 @@ def test_keyframes_interpolate_motion_but_keep_the_anatomy(tiny_weights, tmp_pat
     assert not np.array_equal(k[0][..., 1:], full[0][..., 1:])
 
 
+def test_two_jobs_side_by_side_into_one_folder(tiny_weights, tmp_path):
+    out = tmp_path / "gen"
+    cmd = [sys.executable, "-m", "synth4d", "generate", "--weights", str(tiny_weights), "--n", "3", *FAST, str(out)]
+    jobs = [subprocess.Popen(cmd + ["--start", str(start)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for start in (0, 3)]
+    assert [job.wait(timeout=300) for job in jobs] == [0, 0]
+    with open(out / "manifest.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [f"synth_{i:04d}" for i in range(6)]
+    assert all((out / p).is_file() for r in rows for p in r["files"].split(";"))
+
+
 def test_manifest_updates_keep_the_rows_another_job_wrote(tmp_path):
     # Two jobs side by side into one folder: each knows only its own subjects when it writes.
     from train.generate import _read_manifest, _write_manifest

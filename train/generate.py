@@ -171,8 +171,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, steps=2
     bar = tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending)
     for i, req in bar:
         row = _one(chain, grid, smeta, mmeta, vocab, out, layout, i, req, seed, steps, guidance, keyframes)
-        manifest[row["id"]] = row
-        _write_manifest(out / "manifest.csv", manifest)
+        _write_manifest(out / "manifest.csv", {row["id"]: row})
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
 
 
@@ -238,8 +237,8 @@ def _read_manifest(path) -> dict:
 
 
 def _write_manifest(path, rows: dict):
-    """Write rows merged with those already on disk, under a lock: two jobs generating different
-    subjects into one folder (e.g. --start 0 and --start 50 side by side) keep each other's rows."""
+    """Add or replace `rows` in the manifest at `path`, under a lock: jobs generating into one folder
+    (e.g. --start 0 and --start 50 side by side) keep each other's rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(".manifest.lock"), "w") as lock:
         if fcntl is not None:
