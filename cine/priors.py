@@ -13,6 +13,7 @@ import numpy as np
 
 from cine import UserError
 from cine.diagnosis import volumes_fit
+from cine.measures import ejection_fraction
 
 # Drawn jointly, in log space. EFs follow from EDV and ESV.
 FIELDS = ("lvedv", "lvesv", "rvedv", "rvesv", "lv_mass", "slices", "slice_mm", "rr_ms")
@@ -117,7 +118,7 @@ def draw(priors, req, rng):
         out = {**dict(zip(fields, np.exp(x).tolist())), **known}  # given values exactly, not exp(log(v))
         if out["lvesv"] < out["lvedv"] and out["rvesv"] < out["rvedv"]:
             first = first or out
-            if volumes_fit(dx, {**out, "lvef": _ef(out, "lv"), "rvef": _ef(out, "rv")}):
+            if volumes_fit(dx, {**out, **_efs(out)}):
                 break
     else:
         if first is None:
@@ -125,10 +126,10 @@ def draw(priors, req, rng):
         out = first
     lo, hi = p["lo"][fields.index("slices")], p["hi"][fields.index("slices")]
     out["slices"] = int(round(min(max(out["slices"], lo), hi)))
-    out["lvef"], out["rvef"] = _ef(out, "lv"), _ef(out, "rv")
+    out.update(_efs(out))
     out["dx"] = dx
     return out
 
 
-def _ef(values, side) -> float:
-    return 100 * (values[f"{side}edv"] - values[f"{side}esv"]) / values[f"{side}edv"]
+def _efs(values) -> dict:
+    return {f"{side}ef": ejection_fraction(values[f"{side}edv"], values[f"{side}esv"]) for side in ("lv", "rv")}

@@ -28,7 +28,7 @@ from nets.config import UNetConfig
 from nets.diffusion import make_schedule
 from nets.pipeline import Generator4D
 from nets.unet import UNet
-from train.common import config_from_dict, load_checkpoint, select_device
+from train.common import atomic_write, config_from_dict, load_checkpoint, select_device
 from train.ldm import cond_tensors
 from train.vae import load_vae
 
@@ -250,6 +250,4 @@ def _write_manifest(path, rows: dict):
         writer.writeheader()
         for sid in sorted(rows):
             writer.writerow(rows[sid])
-        tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
