@@ -1,0 +1,69 @@
+"""Fixed-seed outputs of `phantom`, `generate`, `segment` and `eval` match, byte for byte, the files
+recorded in golden_outputs.json.
+
+The record was made with the code of commit 5a66601 (before the package was reorganised under the
+`synth4d` namespace) and the shipped weights of that commit, by `python tests/test_unchanged.py
+--record`. Every command runs in a fresh process on one thread: with two threads, float sums in
+the convolutions are ordered differently and generated intensities differ in the last bits. Text
+outputs name files relative to the working folder; the shipped weights' folder, which differs
+between checkouts, is replaced by <weights>. A record made with other torch / numpy / nibabel
+versions is not compared (the test is skipped and says why).
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).with_name("golden_outputs.json")
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+COMMANDS = (  # (arguments, file that receives stdout)
+    (["phantom", "real", "--n", "2", "--seed", "5"], "phantom.txt"),
+    (["generate", "gen", "--dx", "HCM", "--n", "2", "--frames", "5", "--steps", "3", "--keyframes", "3",
+      "--seed", "7", "--json"], "generate.jsonl"),
+    (["generate", "acdc", "--lvedv", "150", "--lvef", "55", "--n", "1", "--frames", "4", "--steps", "2",
+      "--keyframes", "0", "--layout", "acdc", "--seed", "3"], "generate_acdc.txt"),
+    (["segment", "real/patient001/patient001_4d.nii.gz", "seg.nii.gz", "--json"], "segment.jsonl"),
+    (["eval", "real", "gen", "--json"], "eval.json"),
+)
+
+
+def versions() -> dict:
+    import nibabel
+    import numpy
+    import torch
+    return {"torch": torch.__version__, "numpy": numpy.__version__, "nibabel": nibabel.__version__}
+
+
+def run_all(folder: Path) -> dict:
+    """Run COMMANDS in folder, one thread each -> {relative path: sha256} of every file written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for args, stdout_name in COMMANDS:
+        with open(folder / stdout_name, "wb") as out:
+            subprocess.run([sys.executable, "-m", "synth4d", *args], cwd=folder, env=env, stdout=out,
+                           stderr=subprocess.DEVNULL, check=True)
+    digests = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        data = path.read_bytes()
+        if path.suffix in (".txt", ".jsonl", ".json", ".csv"):
+            data = data.replace(str(WEIGHTS).encode(), b"<weights>")
+        digests[path.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def test_outputs_unchanged(tmp_path):
+    record = json.loads(GOLDEN.read_text())
+    if record["versions"] != versions():
+        pytest.skip(f"outputs recorded with {record['versions']}, this environment has {versions()}")
+    assert run_all(tmp_path) == record["files"]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        files = run_all(Path(tmp))
+    GOLDEN.write_text(json.dumps({"versions": versions(), "files": files}, indent=1) + "\n")
+    print(f"{len(files)} files recorded in {GOLDEN}")
