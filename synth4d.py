@@ -1,8 +1,10 @@
 """synth4d: controllable 4D cine cardiac MRI synthesis with paired segmentation masks.
 
-The command-line interface. Each command parses its options, calls one library function and
-prints the result: data (paths, JSON) to stdout, logs and progress bars to stderr.
-A user mistake ends with a one-line error and a non-zero exit, never a traceback.
+The command-line interface, and the package's front door. Each command parses its options, calls
+one library function and prints the result: data (paths, JSON) to stdout, logs and progress bars to
+stderr. A user mistake ends with a one-line error and a non-zero exit, never a traceback.
+
+The Python API is `synth4d.load` (see its docstring and the README).
 """
 from __future__ import annotations
 
@@ -12,11 +14,25 @@ from pathlib import Path
 
 import click
 
-from cine import DataError, UserError
-
 __version__ = "0.1.0"
+if __name__ == "synth4d":
+    # Imported from a checkout (the repository root on sys.path, as in its tests): this module stands for
+    # the package, whose subpackages (cine, nets, train, jobs, weights) are the folders beside it. Installed,
+    # the package is the repository root itself (pyproject.toml) and this module is synth4d.synth4d.
+    __path__ = [str(Path(__file__).resolve().parent)]
+
+from synth4d.cine import DataError, UserError  # noqa: E402  (needs __path__)
+from synth4d.cine.measures import MEASURES  # noqa: E402
 PRESET_NAMES = ("tiny", "cpu", "paper")
 DATA = click.Path(exists=True, file_okay=False, path_type=Path)
+
+
+def load(weights=None, device: str = "cpu"):
+    """The Python API: a Synthesizer (synth4d.jobs.synthesize) on the weights in folder `weights`
+    (vae/static/motion .safetensors), else the shipped ones. `.generate(dx=..., lvedv=..., seed=...)`
+    returns one subject: image and mask (X, Y, Z, T) arrays, affine, spacing, requested and measured values."""
+    from synth4d.jobs.synthesize import load as load_synthesizer
+    return load_synthesizer(weights, device)
 
 
 def _echo_json(obj):
@@ -67,7 +83,7 @@ def cli():
 @click.option("--skip-bad", is_flag=True, help="List unusable subjects instead of stopping at the first.")
 def info(data, as_json, skip_bad):
     """Summarise the data set in DATA: layout, subjects, diagnoses, labelled frames, geometry, volumes."""
-    from cine.info import format_info, info_report
+    from synth4d.cine.info import format_info, info_report
     report = info_report(data, skip_bad=skip_bad)
     if as_json:
         _echo_json(report)
@@ -91,7 +107,7 @@ def phantom(out, n, seed, dx, vendor, overwrite):
     only) a full-cycle mask patientNNN_4d_gt.nii.gz that training never reads.
     Vendors: see cine.phantom.VENDORS (A, B, C, D).
     """
-    from cine.phantom import write_phantom
+    from synth4d.cine.phantom import write_phantom
     for path in write_phantom(out, n=n, seed=seed, dx=dx, vendor=vendor, overwrite=overwrite):
         click.echo(path)
 
@@ -104,7 +120,7 @@ def phantom(out, n, seed, dx, vendor, overwrite):
 @click.option("--eval-every", type=click.IntRange(min=1), default=500, show_default=True, help="Held-out evaluation interval (steps).")
 def train_vae(data, out, **kw):
     """Stage 1: train the semi-supervised image + mask VAE on DATA."""
-    from train.vae import train_vae as run
+    from synth4d.train.vae import train_vae as run
     click.echo(run(data, out, **kw))
 
 
@@ -122,7 +138,7 @@ def segment(image, out, weights, device, as_json, overwrite):
     Writes the full-cycle 4D mask on the input's own grid, and reports the LV/RV volume curve,
     LVEDV, LVESV and LVEF.
     """
-    from train.segment import segment as run
+    from synth4d.jobs.segment import segment as run
     for row in run(image, out, weights=weights, device=device, overwrite=overwrite):
         _echo_json(row) if as_json else click.echo(row["mask"])
 
@@ -135,20 +151,11 @@ def _train_ldm(stage):
     @click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
                   help=f"Start from these {stage}.safetensors weights (e.g. weights/{stage}.safetensors to fine-tune "
                        "the shipped model on your data); optimiser and schedule start afresh.")
-    @click.option("--weighting", type=click.Choice(["min_snr_v", "min_snr", "none"]), default=None,
-                  help="Loss weighting over noise levels [min_snr_v; on --resume, the run's own]. min_snr leaves "
-                       "the noisiest step untrained (see weights/README.md).")
     @_common_train
     def command(data, vae_path, out, **kw):
         import importlib
-        if "temporal" in kw:
-            kw["temporal"] = kw["temporal"] or None  # not given: on --resume the run's own setting holds
-        run = getattr(importlib.import_module(f"train.{stage}"), f"train_{stage}")
+        run = getattr(importlib.import_module(f"synth4d.train.{stage}"), f"train_{stage}")
         click.echo(run(data, vae_path or Path("runs/vae/vae.safetensors"), out, **kw))
-    if stage == "motion":
-        command = click.option("--temporal", is_flag=True,
-                               help="Add a temporal attention layer over the frames of a subject "
-                                    "(measured against none on the model card).")(command)
     return command
 
 
@@ -167,22 +174,16 @@ def export_weights(runs, dest, overwrite):
 
     This is how the shipped weights/ folder is made (see weights/README.md).
     """
-    from train.common import export_half
-    for stage in ("vae", "static", "motion"):
+    from synth4d.weights.checkpoint import STAGES, export_half
+    for stage in STAGES:
         target = dest / f"{stage}.safetensors"
         if target.exists() and not overwrite:
             raise UserError(f"{target} exists; pass --overwrite to replace it")
         click.echo(export_half(runs / stage / f"{stage}.safetensors", target))
 
 
-PRIORS = (("lvedv", "LV end-diastolic volume (mL)"), ("lvesv", "LV end-systolic volume (mL)"),
-          ("lvef", "LV ejection fraction (%)"), ("rvedv", "RV end-diastolic volume (mL)"),
-          ("rvesv", "RV end-systolic volume (mL)"), ("rvef", "RV ejection fraction (%)"),
-          ("lv_mass", "LV myocardial mass (g)"))
-
-
 def _prior_options(f):
-    for name, text in reversed(PRIORS):
+    for name, text in reversed(MEASURES.items()):
         f = click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
                          help=f"{text}; drawn from the diagnosis prior if not given.")(f)
     return f
@@ -194,7 +195,7 @@ def _prior_options(f):
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of subjects.")
 @_prior_options
 @click.option("--conditions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="CSV, one subject per row: any of dx, lvedv, lvesv, lvef, rvedv, rvesv, rvef, lv_mass, frames.")
+              help=f"CSV, one subject per row: any of dx, {', '.join(MEASURES)}, frames.")
 @click.option("--frames", type=click.IntRange(min=2, max=200), default=30, show_default=True, help="Frames per cardiac cycle.")
 @click.option("--slices", type=click.IntRange(min=1), default=None, help="Short-axis slices [drawn from the prior].")
 @click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="DDIM steps per model.")
@@ -212,7 +213,7 @@ def _prior_options(f):
 @click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT (default: skip complete ones).")
 def generate(out, **kw):
     """Generate synthetic 4D cine subjects (image + mask NIfTI) and a manifest in OUT."""
-    from train.generate import generate as run
+    from synth4d.jobs.generate import generate as run
     as_json = kw.pop("as_json")
     for row in run(out, **kw):
         if as_json:
@@ -239,7 +240,8 @@ def generate(out, **kw):
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout.")
 def evaluate(real, generated, **kw):
     """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply."""
-    from train.evaluate import evaluate as run, format_table
+    from synth4d.jobs.evaluate import evaluate as run
+    from synth4d.jobs.report import format_table
     as_json = kw.pop("as_json")
     result = run(real, generated, **kw)
     click.echo(format_table(result), err=True)

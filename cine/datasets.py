@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import csv
 import re
+import sys
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import nibabel as nib
 import numpy as np
+from tqdm import tqdm
 
-from cine import DIAGNOSES, DataError, nifti
-from cine.measures import volumes
-from cine.subject import Subject, SubjectRef
+from synth4d.cine import DIAGNOSES, DataError, nifti
+from synth4d.cine.measures import volumes
+from synth4d.cine.subject import Subject, SubjectRef
 
 AFFINE_TOL_MM = 1e-3
 _MNMS_TO_ACDC = np.array([0, 3, 2, 1], dtype=np.uint8)  # M&Ms 1 LV, 2 MYO, 3 RV -> ACDC 1 RV, 2 MYO, 3 LV
@@ -40,6 +41,11 @@ class Dataset:
     root: Path
     refs: list                   # list[SubjectRef], sorted by id
     problems: list = field(default_factory=list)  # [(path, reason)] of skipped subjects
+
+    def load_each(self, desc: str):
+        """Each subject loaded in id order, one at a time, with a progress bar on stderr."""
+        for ref in tqdm(self.refs, desc=desc, unit="subject", file=sys.stderr, leave=False):
+            yield ref.load()
 
 
 def scan(root, skip_bad=False) -> Dataset:
@@ -98,7 +104,7 @@ def _acdc_ref(folder: Path) -> SubjectRef:
     sid, cfg_path = folder.name, folder / "Info.cfg"
     cfg = _read_cfg(cfg_path)
     image = folder / f"{sid}_4d.nii.gz"
-    shape, affine = _peek(image, 4)
+    shape, affine = nifti.peek(image, 4)
     n = shape[3]
     if "nbframe" in cfg and _number(cfg_path, "NbFrame", cfg["nbframe"], int) != n:
         raise DataError(cfg_path, f"NbFrame {cfg['nbframe']} but {image.name} has {n} frames")
@@ -113,7 +119,7 @@ def _acdc_ref(folder: Path) -> SubjectRef:
     full = folder / f"{sid}_4d_gt.nii.gz"
     files = {"image": str(image), "info": str(cfg_path)}
     if full.exists():
-        _check_match(full, _peek(full, 4), shape, affine)
+        _check_match(full, nifti.peek(full, 4), shape, affine)
         files["full_mask"] = str(full)
     return _ref(sid, "acdc", files, ed, es, dx, meta, frame_masks=frame_masks, full_mask=files.get("full_mask"))
 
@@ -123,7 +129,7 @@ def _mnms_ref(image: Path, root: Path, rows: dict, csv_path: Path) -> SubjectRef
     if sid not in rows:
         raise DataError(image, f"no row for '{sid}' in {csv_path.name}")
     row = rows[sid]
-    shape, affine = _peek(image, 4)
+    shape, affine = nifti.peek(image, 4)
     ed = _frame(csv_path, f"{sid}: ED", row.get("ed"), shape[3], base=0)
     es = _frame(csv_path, f"{sid}: ES", row.get("es"), shape[3], base=0)
     meta = {k: row[c] for k, c in (("vendor", "vendor"), ("vendor_name", "vendorname"), ("centre", "centre"),
@@ -133,20 +139,20 @@ def _mnms_ref(image: Path, root: Path, rows: dict, csv_path: Path) -> SubjectRef
     files = {"image": str(image), "info": str(csv_path)}
     gt = image.with_name(f"{sid}_sa_gt.nii.gz")
     if gt.exists():
-        _check_match(gt, _peek(gt, 4), shape, affine)
+        _check_match(gt, nifti.peek(gt, 4), shape, affine)
         files["mask"] = str(gt)
     return _ref(sid, "mnms", files, ed, es, _dx(row.get("pathology")), meta, mask4d=files.get("mask"), mnms_labels=True)
 
 
 def _folder_ref(image: Path, rows: dict, csv_path: Optional[Path]) -> SubjectRef:
     sid = _stem(image)
-    shape, affine = _peek(image, 4)
+    shape, affine = nifti.peek(image, 4)
     n = shape[3]
     files = {"image": str(image)}
     mask4d = next((p for suffix in ("_gt", "_mask") for ext in (".nii.gz", ".nii")
                    if (p := image.with_name(sid + suffix + ext)).exists()), None)
     if mask4d is not None:
-        _check_match(mask4d, _peek(mask4d, 4), shape, affine)
+        _check_match(mask4d, nifti.peek(mask4d, 4), shape, affine)
         files["mask"] = str(mask4d)
     frame_masks = _frame_masks(image.parent, sid, shape, affine)
     ed, es, dx, meta = 0, None, None, {}
@@ -227,23 +233,6 @@ def _labelled_frames(mask4d: np.ndarray) -> list:
 
 # ---- headers and metadata files -----------------------------------------------------------
 
-def _peek(path: Path, ndim: int):
-    """(shape, affine) from the NIfTI header alone: nib.load reads no voxel data."""
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    try:
-        img = nib.load(str(path))
-        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-    except Exception as e:  # nibabel raises many types for foreign or truncated headers
-        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__})") from None
-    if ndim == 3 and len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != ndim:
-        what = {3: "a 3D frame (X, Y, Z)", 4: "a 4D cine (X, Y, Z, T)"}[ndim]
-        raise DataError(path, f"expected {what}, found {len(shape)}D data of shape {shape}")
-    return shape, affine
-
-
 def _check_match(path, peeked, shape, affine):
     """A mask must lie on its image's voxel grid: same (X, Y, Z[, T]) and the same affine."""
     mshape, maffine = peeked
@@ -261,7 +250,7 @@ def _frame_masks(folder: Path, sid: str, shape, affine) -> dict:
         m = re.fullmatch(rf"{re.escape(sid)}_frame(\d+)_gt\.nii(\.gz)?", p.name)
         if m:
             t = _frame(p, "frame number in the file name", m.group(1), shape[3], base=1)
-            _check_match(p, _peek(p, 3), shape, affine)
+            _check_match(p, nifti.peek(p, 3), shape, affine)
             found[t] = str(p)
     return found
 

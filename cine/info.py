@@ -8,11 +8,9 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from cine import DataError
-from cine.datasets import scan
-from cine.measures import clinical_measures
-
-_MEASURES = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass")
+from synth4d.cine import DataError
+from synth4d.cine.datasets import scan
+from synth4d.cine.measures import MEASURES, clinical_measures
 
 
 def info_report(root, skip_bad=False) -> dict:
@@ -63,7 +61,7 @@ def _volume_stats(subjects) -> dict:
     stats = {}
     for g, rows in groups.items():
         stats[g] = {"n": len(rows)}
-        for k in _MEASURES:
+        for k in MEASURES:
             x = np.array([r[k] for r in rows if r[k] is not None], dtype=np.float64)
             stats[g][k] = {"mean": _json_float(x.mean()) if x.size else None,
                            "sd": _json_float(x.std(ddof=1)) if x.size > 1 else None}
@@ -84,8 +82,8 @@ def format_info(report: dict) -> str:
              f"{'geometry':<12}{'min':>8}{'max':>8}"]
     lines += [f"{k:<12}{lo:>8g}{hi:>8g}" for k, (lo, hi) in r["ranges"].items()]
     if r["volumes"]:
-        head = ["dx", "n"] + [k.upper().replace("_", " ") for k in _MEASURES]
-        table = [[g, str(v["n"])] + [_mean_sd(v[k]) for k in _MEASURES] for g, v in r["volumes"].items()]
+        head = ["dx", "n"] + [k.upper().replace("_", " ") for k in MEASURES]
+        table = [[g, str(v["n"])] + [_mean_sd(v[k]) for k in MEASURES] for g, v in r["volumes"].items()]
         widths = [max(len(row[i]) for row in [head] + table) for i in range(len(head))]
         lines += ["", "measured from ED/ES masks, mean ± sd (volumes mL, EF %, mass g)"]
         lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))

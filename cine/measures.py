@@ -10,6 +10,14 @@ from __future__ import annotations
 import numpy as np
 
 MYO_DENSITY = 1.05  # g/mL
+# The clinical measures, the one list of their names: what a user may request, what the manifest
+# reports and what the evaluation compares, always in this order.
+MEASURES = {
+    "lvedv": "LV end-diastolic volume (mL)", "lvesv": "LV end-systolic volume (mL)",
+    "lvef": "LV ejection fraction (%)", "rvedv": "RV end-diastolic volume (mL)",
+    "rvesv": "RV end-systolic volume (mL)", "rvef": "RV ejection fraction (%)",
+    "lv_mass": "LV myocardial mass (g)",
+}
 _LABEL = {"rv": 1, "myo": 2, "lv": 3}
 
 

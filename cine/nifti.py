@@ -7,7 +7,6 @@ Every problem raises cine.DataError naming the file.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -15,7 +14,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-from cine import DataError
+from synth4d.cine import DataError, atomic_write
 
 _TIME_TO_MS = {"sec": 1000.0, "msec": 1.0, "usec": 1e-3}
 
@@ -40,6 +39,29 @@ class Geometry:
         return Geometry(affine, tuple(float(s) for s in spacing), frame_ms)
 
 
+def _dims(path, shape, ndim) -> tuple:
+    """shape, with a trailing singleton time axis dropped for a 3D frame; DataError if not ndim-D."""
+    if ndim == 3 and len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if ndim is not None and len(shape) != ndim:
+        what = {3: "a 3D frame (X, Y, Z)", 4: "a 4D cine (X, Y, Z, T)"}[ndim]
+        raise DataError(path, f"expected {what}, found {len(shape)}D data of shape {tuple(shape)}")
+    return shape
+
+
+def peek(path, ndim=None) -> tuple:
+    """(shape, affine) from the header alone: nibabel loads voxel data lazily, so nothing else is read."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        img = nib.load(str(path))
+        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # nibabel raises many types for foreign or truncated headers
+        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__})") from None
+    return _dims(path, shape, ndim), affine
+
+
 def read(path, ndim=None, kind="image"):
     """Read a NIfTI file -> (array, Geometry). kind "image": float32, finite; "mask": uint8 labels.
 
@@ -53,11 +75,7 @@ def read(path, ndim=None, kind="image"):
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for truncated / foreign files
         raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if ndim == 3 and data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if ndim is not None and data.ndim != ndim:
-        what = {3: "a 3D frame (X, Y, Z)", 4: "a 4D cine (X, Y, Z, T)"}[ndim]
-        raise DataError(path, f"expected {what}, found {data.ndim}D data of shape {tuple(data.shape)}")
+    data = data.reshape(_dims(path, data.shape, ndim))
     zooms = img.header.get_zooms()
     spacing = tuple(float(z) for z in zooms[:3])
     if any(not np.isfinite(s) or s <= 0 for s in spacing):
@@ -85,8 +103,6 @@ def write(path, array, geometry: Geometry, kind="image"):
 
     kind "image": stored as float32 (int16 when the values are integers); "mask": uint8.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.asarray(array)
     if kind == "mask":
         array = array.astype(np.uint8)
@@ -105,12 +121,4 @@ def write(path, array, geometry: Geometry, kind="image"):
     img.set_sform(geometry.affine, code=1)
     if kind == "mask":
         hdr["intent_name"] = b"labels"
-    name = path.name
-    tmp = path.with_name(f".tmp{os.getpid()}_{name}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))

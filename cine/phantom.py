@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cine import DIAGNOSES, UserError, nifti
-from cine.heart import DTHETA, GROUPS, N_THETA, Heart, draw_parameters, labels, motion, polar, slab
+from synth4d.cine import DIAGNOSES, UserError, nifti
+from synth4d.cine.heart import DTHETA, GROUPS, N_THETA, Heart, draw_parameters, labels, motion, polar, slab
 
 
 @dataclass(frozen=True)

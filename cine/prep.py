@@ -26,11 +26,11 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from cine import DataError
-from cine.datasets import scan
-from cine.measures import clinical_measures
-from cine.nifti import Geometry
-from cine.subject import Subject
+from synth4d.cine import DataError, atomic_write
+from synth4d.cine.datasets import scan
+from synth4d.cine.measures import clinical_measures
+from synth4d.cine.nifti import Geometry
+from synth4d.cine.subject import Subject
 
 PREP_VERSION = 1            # bump when the output of prepare_subject changes: invalidates every cache
 PERCENTILES = (0.5, 99.5)   # intensities mapped to -1 and 1
@@ -300,9 +300,7 @@ def cache_key(ref, grid) -> str:
 
 
 def save_prepared(path, p: Prepared):
-    """Write a compressed .npz atomically (temp file + rename); the image is stored as float16."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a compressed .npz atomically; the image is stored as float16."""
     frames = sorted(p.masks)
     info = {"id": p.id, "n_slices": p.n_slices, "ed": p.ed, "es": p.es, "dx": p.dx, "meta": p.meta,
             "spacing": p.spacing, "frame_ms": p.frame_ms, "measures": p.measures,
@@ -312,14 +310,7 @@ def save_prepared(path, p: Prepared):
               "info": np.array(json.dumps(info, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))}
     if p.full_mask is not None:
         arrays["full_mask"] = p.full_mask
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))  # tmp ends in .npz: no suffix added
 
 
 def load_prepared(path) -> Prepared:

@@ -11,13 +11,13 @@ import math
 
 import numpy as np
 
-from cine import UserError
-from cine.diagnosis import volumes_fit
-from cine.measures import ejection_fraction
+from synth4d.cine import UserError
+from synth4d.cine.diagnosis import volumes_fit
+from synth4d.cine.measures import MEASURES, ejection_fraction
 
 # Drawn jointly, in log space. EFs follow from EDV and ESV.
 FIELDS = ("lvedv", "lvesv", "rvedv", "rvesv", "lv_mass", "slices", "slice_mm", "rr_ms")
-REQUESTABLE = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass", "slices")
+REQUESTABLE = (*MEASURES, "slices")
 
 
 def fit_priors(records, shrink=4.0):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from synth4d.nets import conditions
+
 
 @dataclass(frozen=True)
 class GridConfig:
@@ -50,7 +52,6 @@ class UNetConfig:
     dx_vocab: tuple = ()           # diagnosis names; index len(dx_vocab) is the null token
     scalars: tuple = ()            # names of scalar conditions, normalised outside the network
     phase: bool = False            # condition on a continuous cardiac phase in [0, 1)
-    temporal: bool = False         # light attention over the frames of one subject (motion)
     dropout: float = 0.0
 
 
@@ -78,14 +79,10 @@ class Preset:
         return (self.vae.latent_ch, self.grid.size // f, self.grid.size // f, self.grid.slices)
 
 
-STATIC_SCALARS = ("lvedv", "rvedv", "lv_mass", "slices", "slice_mm")
-MOTION_SCALARS = ("lvesv", "lvef", "rvesv", "rvef")
-
-
 def _denoisers(latent_ch, widths, down, attn, emb_dim, blocks=2):
     static = UNetConfig(in_ch=latent_ch, out_ch=latent_ch, widths=widths, down=down, attn=attn,
-                        emb_dim=emb_dim, blocks=blocks, scalars=STATIC_SCALARS)
-    motion = dataclasses.replace(static, ctx_ch=latent_ch + 1, scalars=MOTION_SCALARS, phase=True)
+                        emb_dim=emb_dim, blocks=blocks, scalars=conditions.STATIC)
+    motion = dataclasses.replace(static, ctx_ch=latent_ch + 1, scalars=conditions.MOTION, phase=True)
     return static, motion
 
 

@@ -1,4 +1,4 @@
-"""Noise schedules, forward noising, training losses and the DDIM sampler with classifier-free guidance.
+"""The noise schedule, forward noising, the training loss and the DDIM sampler with classifier-free guidance.
 
 Axis vocabulary: tensors are (B, C, X, Y, Z) (any trailing shape works); t is (B,) long, an index
 into the schedule, 0 the least noisy. Names follow the papers: betas, alphas_cumprod, x_t, x0_pred,
@@ -31,16 +31,12 @@ class Schedule:
 
 
 def make_schedule(kind: str = "cosine", n_steps: int = 1000) -> Schedule:
-    if kind == "linear":            # DDPM Sec. 4
-        betas = torch.linspace(1e-4, 0.02, n_steps, dtype=torch.float64)
-    elif kind == "scaled_linear":   # the Stable Diffusion schedule: linear in sqrt(beta)
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, n_steps, dtype=torch.float64) ** 2
-    elif kind == "cosine":          # Nichol & Dhariwal Eq. 17; betas clipped at 0.999 against the singularity at t = T
-        s = 0.008
-        f = torch.cos((torch.arange(n_steps + 1, dtype=torch.float64) / n_steps + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    else:
-        raise ValueError(f"unknown schedule {kind!r}; choose cosine, linear or scaled_linear")
+    """The cosine schedule (Nichol & Dhariwal Eq. 17), the only one checkpoints name ("schedule": "cosine")."""
+    if kind != "cosine":
+        raise ValueError(f"unknown schedule {kind!r}; synth4d's denoisers use 'cosine'")
+    s = 0.008
+    f = torch.cos((torch.arange(n_steps + 1, dtype=torch.float64) / n_steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)  # clipped against the singularity at t = T
     return Schedule(betas, torch.cumprod(1 - betas, dim=0), n_steps)
 
 
@@ -71,42 +67,27 @@ def pred_to_x0_eps(x_t: torch.Tensor, t: torch.Tensor, out: torch.Tensor, sched:
     raise ValueError(f"unknown prediction {pred!r}; choose eps or v")
 
 
-def diffusion_loss(model_out, x0, eps, t, sched: Schedule, pred: str = "v", weighting: str = "none",
-                   gamma: float = 5.0) -> torch.Tensor:
-    """Per-sample (B,) mean squared error against the eps or v target, optionally SNR-weighted.
-
-    weighting: "none"; "min_snr", Hang et al.'s min(SNR, gamma) on the x0 error; or "min_snr_v",
-    min(SNR + 1, gamma) on the x0 error (v-prediction only): the plain v loss, whose x0 weight is
-    SNR + 1, capped at gamma. "min_snr" gives the noisiest steps no weight at all, and the trailing DDIM
-    schedule starts at zero SNR, where the prediction rests on the conditions alone: there a model
-    trained with it predicts almost nothing, and the samples follow the noise more than the conditions.
-    """
+def diffusion_loss(model_out, x0, eps, t, sched: Schedule, pred: str = "v") -> torch.Tensor:
+    """Per-sample (B,) mean squared error of the network output against the eps or v target."""
     if pred not in ("eps", "v"):
         raise ValueError(f"unknown prediction {pred!r}; choose eps or v")
     target = eps if pred == "eps" else v_target(x0, eps, t, sched)
-    mse = (model_out - target).float().square().flatten(1).mean(1)  # (B,)
-    if weighting == "none":
-        return mse
+    return (model_out - target).float().square().flatten(1).mean(1)  # (B,)
+
+
+def min_snr_v_weight(t: torch.Tensor, sched: Schedule, gamma: float = 5.0) -> torch.Tensor:
+    """Training weight (B,) float64 of the v loss: min(SNR + 1, gamma) / (SNR + 1).
+
+    The v error is SNR + 1 times the x0 error (squared), so this puts min(SNR + 1, gamma) on the x0
+    error: min-SNR's down-weighting of the easy, low-noise steps (Hang et al. Eq. 7 caps the x0 weight
+    at min(SNR, gamma)), but with full weight at zero SNR. Hang et al.'s own weight is 0 there, and the
+    trailing DDIM schedule starts at zero SNR, where the prediction rests on the conditions alone: a
+    model trained with it predicts almost nothing at that step and its samples follow the noise more
+    than the conditions (measured; see weights/EXPERIMENTS.md).
+    """
     abar = sched.alphas_cumprod[t.long().cpu()]
     snr = abar / (1 - abar)
-    # The eps error is SNR times, and the v error SNR + 1 times, the x0 error (squared): a weight w on
-    # the x0 error is w / SNR on the eps loss and w / (SNR + 1) on the v loss.
-    if weighting == "min_snr":
-        weight = snr.clamp(max=gamma) / (snr if pred == "eps" else snr + 1)   # Hang et al. Eq. 7
-    elif weighting == "min_snr_v":
-        if pred != "v":
-            raise ValueError("weighting 'min_snr_v' needs v-prediction")
-        weight = (snr + 1).clamp(max=gamma) / (snr + 1)
-    else:
-        raise ValueError(f"unknown weighting {weighting!r}; choose none, min_snr or min_snr_v")
-    return mse * weight.to(device=mse.device, dtype=mse.dtype)
-
-
-def sample_timesteps(B: int, sched: Schedule, generator: torch.Generator | None = None,
-                     device=None) -> torch.Tensor:
-    """Uniform training timesteps (B,) long; on the generator's device unless `device` is given."""
-    device = device if device is not None else (generator.device if generator is not None else "cpu")
-    return torch.randint(0, sched.n_steps, (B,), generator=generator, device=device)
+    return (snr + 1).clamp(max=gamma) / (snr + 1)
 
 
 def timestep_buckets(t: torch.Tensor, sched: Schedule, n: int = 4) -> torch.Tensor:
@@ -130,15 +111,13 @@ def _cat_cond(cond, uncond):
 
 
 @torch.no_grad()
-def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, eta: float = 0.0,
-                guidance: float = 1.0, cond=None, uncond=None, pred: str = "v",
-                generator: torch.Generator | None = None, callback=None, clip_x0: float | None = None):
-    """DDIM (Song et al. Eq. 12) from caller-supplied noise x_T to x0, with classifier-free guidance.
+def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, guidance: float = 1.0,
+                cond=None, uncond=None, pred: str = "v") -> torch.Tensor:
+    """Deterministic DDIM (Song et al. Eq. 12, eta = 0) from caller-supplied noise x_T to x0, with
+    classifier-free guidance.
 
     model_fn(x_t, t, cond) -> eps or v (per `pred`); t is (B,) long. guidance == 1 runs the conditional
-    branch only; otherwise cond and uncond go through ONE batched forward. eta > 0 draws its noise
-    from `generator`, so a seed reproduces the sample. clip_x0 clamps x0_pred to [-clip_x0, clip_x0].
-    callback(i, n) is called after each of the n steps.
+    branch only; otherwise cond and uncond go through ONE batched forward.
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
@@ -153,19 +132,7 @@ def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, e
             out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
             out = out_uncond + guidance * (out_cond - out_uncond)  # Ho & Salimans Eq. 6 (w + 1 = guidance)
         x0_pred, eps = pred_to_x0_eps(x, t, out, sched, pred)
-        if clip_x0 is not None:
-            x0_pred = x0_pred.clamp(-clip_x0, clip_x0)
-            abar = _at(sched.alphas_cumprod, t, x)
-            eps = (x - abar.sqrt() * x0_pred) / (1 - abar).sqrt()  # the eps consistent with the clipped x0
-        abar_t = float(sched.alphas_cumprod[step])
         abar_prev = float(sched.alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-        sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))  # DDIM Eq. 16
-        dir_x_t = math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)) * eps  # DDIM Eq. 12, "direction pointing to x_t"
-        x = math.sqrt(abar_prev) * x0_pred + dir_x_t                         # DDIM Eq. 12
-        if sigma > 0:
-            # Drawn on the generator's device, so a CPU generator reproduces the same sample on any device.
-            z = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
-            x = x + sigma * z.to(device=x.device, dtype=x.dtype)
-        if callback is not None:
-            callback(i, len(timesteps))
+        dir_x_t = math.sqrt(max(1 - abar_prev, 0.0)) * eps   # DDIM Eq. 12, "direction pointing to x_t" (sigma = 0)
+        x = math.sqrt(abar_prev) * x0_pred + dir_x_t          # DDIM Eq. 12
     return x

@@ -169,7 +169,7 @@ def load_i3d(path, device="cpu") -> I3DFeatures:
 
     Raises cine.DataError naming the file when it is neither, or not a 400-class Kinetics model.
     """
-    from cine import DataError
+    from synth4d.cine import DataError
 
     path = Path(path)
     try:

@@ -25,6 +25,10 @@ def norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(ch, 32 if ch >= 64 else 8), ch)
 
 
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+
+
 def conv3(in_ch: int, out_ch: int, stride=1) -> nn.Conv3d:
     return nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1)
 

@@ -1,20 +1,26 @@
-"""The generation chain: static LDM -> motion LDM -> VAE decoding, arrays in, arrays out.
+"""The chains of trained networks, arrays in, arrays out: generation (static LDM -> motion LDM -> VAE
+decoding) and reconstruction (a cine through the VAE: image and class probabilities).
 
-Axis vocabulary: latents (B, C, X, Y, Z); a generated cine is (X, Y, Z, T) with T cardiac frames at
-phases 0, 1/T, ... (ED = phase 0). One subject at a time, from its own torch.Generator, so a
-subject comes out the same alone or in a batch. All frames of a subject share their initial
-motion noise (and DDIM with eta = 0 is deterministic), so frames differ only through their phase.
+Axis vocabulary: latents (B, C, X, Y, Z); a cine is (X, Y, Z, T), a generated one with T cardiac frames
+at phases 0, 1/T, ... (ED = phase 0); class probabilities (C, X, Y, Z, T). Generation runs one subject
+at a time, from its own torch.Generator, so a subject comes out the same alone or in a batch. All
+frames of a subject share their initial motion noise (and DDIM is deterministic), so frames differ
+only through their phase.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from nets.diffusion import Schedule, ddim_sample
-from nets.unet import UNet
-from nets.vae import VAE
+from synth4d.nets.config import GridConfig
+from synth4d.nets.conditions import cond_tensors, motion_context, null_conditions
+from synth4d.nets.device import autocast
+from synth4d.nets.diffusion import Schedule, ddim_sample
+from synth4d.nets.unet import UNet
+from synth4d.nets.vae import VAE
 
 
 def periodic_interpolate(keys: torch.Tensor, phases) -> torch.Tensor:
@@ -37,6 +43,8 @@ def periodic_interpolate(keys: torch.Tensor, phases) -> torch.Tensor:
 
 @dataclass
 class Generator4D:
+    """The three trained networks and the figures their checkpoints hold, ready to generate subjects."""
+
     vae: VAE
     static: UNet
     motion: UNet
@@ -44,8 +52,16 @@ class Generator4D:
     vae_scale: float          # latent = posterior mean * vae_scale
     residual_scale: float     # motion target = (z_t - z_ED) * residual_scale
     latent_size: tuple        # (X, Y, Z) of a latent
+    static_norm: dict         # condition name -> (mean, std), see nets.conditions
+    motion_norm: dict
+    grid: GridConfig          # the grid the VAE was trained on, for callers placing the output
+    priors: dict              # the per-diagnosis prior of the measures (cine.priors), for callers completing requests
     pred: str = "v"
     decode_batch: int = 8
+
+    @property
+    def dx_vocab(self) -> list:
+        return list(self.static.cfg.dx_vocab)
 
     @torch.no_grad()
     def sample_static(self, cond, generator, steps, guidance) -> torch.Tensor:
@@ -53,31 +69,31 @@ class Generator4D:
         shape = (1, self.static.cfg.in_ch) + self.latent_size
         x_T = torch.randn(shape, generator=generator).to(self.device)
         return ddim_sample(lambda x, t, c: self.static(x, t, c), x_T, self.sched, steps=steps, guidance=guidance,
-                           cond=cond, uncond=self.static.null_conditions(cond), pred=self.pred)
+                           cond=cond, uncond=null_conditions(cond, self.static.cond_embed.null_dx), pred=self.pred)
 
     @torch.no_grad()
-    def sample_motion(self, z_ed, slice_mask, cond, phases, generator, steps, guidance) -> torch.Tensor:
-        """z_ED (1, C, X, Y, Z), slice mask (1, 1, X, Y, Z), cond (batch 1), phases (T,) -> latents (T, C, X, Y, Z).
+    def sample_motion(self, z_ed, n_slices, cond, phases, generator, steps, guidance) -> torch.Tensor:
+        """z_ED (1, C, X, Y, Z), its real slice count, cond (batch 1), phases (T,) -> latents (T, C, X, Y, Z).
 
-        The residual at phase 0 (ED) is zero by construction. Without a temporal layer each frame's
-        DDIM path is its own, so ED frames are not sampled at all (1/12 of the work at 12 keyframes).
+        The residual at phase 0 (ED) is zero by construction, and each frame's DDIM path is its own,
+        so ED frames are not sampled at all (1/12 of the work at 12 keyframes).
         """
         phases = torch.as_tensor(phases, dtype=torch.float32, device=self.device)         # (T,)
         noise = torch.randn((1, self.motion.cfg.in_ch) + self.latent_size, generator=generator).to(self.device)
         residual = torch.zeros((len(phases),) + noise.shape[1:], device=self.device)       # (T, C, X, Y, Z)
-        todo = phases != 0 if not self.motion.cfg.temporal else torch.ones_like(phases, dtype=torch.bool)
+        todo = phases != 0
         n = int(todo.sum())  # frames sampled
         if n:
             x_T = noise.expand(n, -1, -1, -1, -1).contiguous()                             # (n, C, X, Y, Z)
             sub = {**{k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}, "phase": phases[todo]}
-            ctx = torch.cat([z_ed, slice_mask], dim=1).expand(n, -1, -1, -1, -1)           # (n, C + 1, X, Y, Z)
+            ctx = motion_context(z_ed, n_slices).expand(n, -1, -1, -1, -1)                 # (n, C + 1, X, Y, Z)
 
             def model_fn(x, t, c):
                 reps = x.shape[0] // n  # 2 when guidance batches cond and uncond together
-                return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1), frames=n)
+                return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1))
 
             residual[todo] = ddim_sample(model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=sub,
-                                         uncond=self.motion.null_conditions(sub), pred=self.pred)
+                                         uncond=null_conditions(sub, self.motion.cond_embed.null_dx), pred=self.pred)
         residual[phases == 0] = 0
         return z_ed + residual / self.residual_scale
 
@@ -95,29 +111,55 @@ class Generator4D:
     def device(self):
         return next(self.static.parameters()).device
 
-    def generate(self, static_cond, motion_cond, n_slices, phases, seed, steps=25, guidance=2.0,
+    def generate(self, values: dict, n_slices, phases, seed, steps=25, guidance=2.0,
                  keyframes=0, timings=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One subject: conditions (batch-1 dicts on the device) -> image, labels (X, Y, Z, T).
+        """One subject: condition values (dx and scalars, see nets.conditions) -> image, labels (X, Y, Z, T).
 
         keyframes > 0 and fewer than the phases asked for: the motion model samples that many evenly
         spaced phases and the residual latents of the others are interpolated along the cycle
         (periodic_interpolate), which divides the motion cost by T / keyframes.
         """
+        static_cond, motion_cond = ({k: v.to(self.device) for k, v in cond_tensors([values], norm, self.dx_vocab).items()}
+                                    for norm in (self.static_norm, self.motion_norm))
         generator = torch.Generator().manual_seed(int(seed))
         clock = time.perf_counter()
         z_ed = self.sample_static(static_cond, generator, steps, guidance)
         t1 = time.perf_counter()
-        mask = torch.zeros((1, 1) + self.latent_size, device=self.device)
-        mask[..., :n_slices] = 1.0
         if 0 < keyframes < len(phases):
-            keys = self.sample_motion(z_ed, mask, motion_cond, [k / keyframes for k in range(keyframes)],
+            keys = self.sample_motion(z_ed, n_slices, motion_cond, [k / keyframes for k in range(keyframes)],
                                       generator, steps, guidance)                          # (K, C, X, Y, Z)
             z = z_ed + periodic_interpolate(keys - z_ed, phases)                          # (T, C, X, Y, Z)
         else:
-            z = self.sample_motion(z_ed, mask, motion_cond, phases, generator, steps, guidance)
+            z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, steps, guidance)
         t2 = time.perf_counter()
         image, labels = self.decode(z)
         if timings is not None:
             for k, v in (("static", t1 - clock), ("motion", t2 - t1), ("decode", time.perf_counter() - t2)):
                 timings[k] = timings.get(k, 0.0) + v
         return image, labels
+
+
+@torch.no_grad()
+def encode_frames(vae: VAE, frames: torch.Tensor, device, batch: int = 8) -> torch.Tensor:
+    """Frames (N, 1, X, Y, Z) -> posterior means (N, C, x, y, Z) float32 on the CPU, `batch` frames at a time."""
+    means = []
+    for chunk in frames.split(batch):
+        with autocast(device):
+            means.append(vae.encode(chunk.to(device)).mode().float().cpu())
+    return torch.cat(means)
+
+
+@torch.no_grad()
+def reconstruct(vae: VAE, image4d: np.ndarray, device, batch: int = 8):
+    """(X, Y, Z, T) cine -> reconstructed (X, Y, Z, T) image and (C, X, Y, Z, T) probabilities, from posterior modes."""
+    frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image4d, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
+    images, probs = [], []
+    for chunk in frames.split(batch):
+        with autocast(device):
+            z = vae.encode(chunk.to(device)).mode()
+            image, logits = vae.decode(z, size=chunk.shape[2:4])
+        images.append(image.float()[:, 0].cpu())
+        probs.append(logits.float().softmax(dim=1).cpu())
+    image = torch.cat(images).permute(1, 2, 3, 0).numpy()                                   # (X, Y, Z, T)
+    prob = torch.cat(probs).permute(1, 2, 3, 4, 0).numpy()                                  # (C, X, Y, Z, T)
+    return image, prob

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nets.config import VAEConfig
-from nets.layers import Downsample, ResBlock, Upsample, norm, zero_module
+from synth4d.nets.config import VAEConfig
+from synth4d.nets.layers import Downsample, ResBlock, Upsample, norm, zero_module
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32 and bf16
 

@@ -13,7 +13,7 @@ from synth4d import cli
 
 @pytest.fixture(scope="session")
 def tiny_phantom(tmp_path_factory):
-    from cine.phantom import write_phantom
+    from synth4d.cine.phantom import write_phantom
     root = tmp_path_factory.mktemp("phantom")
     list(write_phantom(root, n=6, seed=0, frames=6, matrix=48, progress=False))
     return root

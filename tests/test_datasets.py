@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cine import DataError, nifti
-from cine.datasets import scan
-from cine.info import format_info, info_report
+from synth4d.cine import DataError, nifti
+from synth4d.cine.datasets import scan
+from synth4d.cine.info import format_info, info_report
 from synth4d import cli
 
 SHAPE = (8, 8, 3, 5)  # (X, Y, Z, T)

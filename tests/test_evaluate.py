@@ -8,17 +8,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cine import UserError, nifti
-from cine.datasets import scan
-from cine.diagnosis import LV_DILATED, meets
-from cine.measures import wall_thickness
-from cine.metrics import components_per_slice, temporal_smoothness
-from nets.config import GridConfig, get_preset
-from nets.i3d import I3DFeatures, InceptionI3d
-from nets.vae import VAE
+from synth4d.cine import UserError, nifti
+from synth4d.cine.datasets import scan
+from synth4d.cine.diagnosis import LV_DILATED, meets
+from synth4d.cine.measures import wall_thickness
+from synth4d.cine.metrics import components_per_slice, temporal_smoothness
+from synth4d.nets.config import GridConfig, get_preset
+from synth4d.nets.i3d import I3DFeatures, InceptionI3d
+from synth4d.nets.vae import VAE
 from synth4d import cli
-from train.common import save_checkpoint
-from train.evaluate import controllability, cycle_frames, evaluate, fvd_report, _manifest
+from synth4d.jobs.evaluate import _manifest, controllability, evaluate
+from synth4d.jobs.fvd import cycle_frames, fvd_report
+from synth4d.weights.checkpoint import save_checkpoint
 
 PX, SLICE, Z, N = 3.0, 10.0, 4, 48          # fake generated set: 3 mm pixels, 4 slices of 10 mm, 48 x 48
 VOXEL_ML = PX * PX * SLICE / 1000
@@ -79,7 +80,7 @@ def fake_set(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small_phantom(tmp_path_factory):
-    from cine.phantom import write_phantom
+    from synth4d.cine.phantom import write_phantom
     root = tmp_path_factory.mktemp("phantom2")
     list(write_phantom(root, n=2, seed=0, frames=4, matrix=48, progress=False))
     return root
@@ -124,8 +125,8 @@ def test_wall_thickness_known_answers():
 
 
 def test_phantom_subjects_meet_their_group_criteria(tmp_path):
-    from cine.measures import clinical_measures
-    from cine.phantom import write_phantom
+    from synth4d.cine.measures import clinical_measures
+    from synth4d.cine.phantom import write_phantom
     list(write_phantom(tmp_path, n=10, seed=0, frames=4, progress=False))
     verdicts = []
     for ref in scan(tmp_path).refs:
@@ -249,7 +250,7 @@ def test_eval_end_to_end_on_generated_subjects(tiny_phantom, tiny_weights, tmp_p
 
 def test_image_mask_agreement_scores_the_pairing(tiny_vae, tmp_path, monkeypatch):
     """A stand-in mask head that reads labels off the intensities agrees with the right masks, not with swapped ones."""
-    import train.vae
+    import synth4d.jobs.evaluate
     geom = nifti.Geometry.from_spacing((PX, PX, SLICE), frame_ms=300.0)
     subjects = [_fake_subject(radii, lengths)[1] for _, radii, lengths in FAKE[:2]]
     for name, masks in (("right", subjects), ("swapped", subjects[::-1])):
@@ -261,7 +262,7 @@ def test_image_mask_agreement_scores_the_pairing(tiny_vae, tmp_path, monkeypatch
         labels = np.clip(np.rint((image + 1) * 1.5), 0, 3).astype(int)
         return image, np.moveaxis(np.eye(4, dtype=np.float32)[labels], -1, 0)  # (C, X, Y, Z, T)
 
-    monkeypatch.setattr(train.vae, "reconstruct", labels_from_intensity)
+    monkeypatch.setattr(synth4d.jobs.evaluate, "reconstruct", labels_from_intensity)
     right = evaluate(tmp_path / "right", tmp_path / "right", agreement=True, weights=tiny_vae)["agreement"]
     swapped = evaluate(tmp_path / "right", tmp_path / "swapped", agreement=True, weights=tiny_vae)["agreement"]
     assert right["subjects"] == 2 and right["frames"] == 2 * 3

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cine import nifti
-from cine.datasets import scan
+from synth4d.cine import nifti
+from synth4d.cine.datasets import scan
 from synth4d import cli
 from tests.conftest import run_cli
 
@@ -38,7 +38,7 @@ def test_flat_outputs_geometry_and_manifest(tiny_weights, tmp_path):
     assert geom.spacing[:2] == pytest.approx((6.0, 6.0)) and geom.spacing[2] == pytest.approx(float(row["slice_mm"]), abs=1e-3)
     assert geom.frame_ms > 0 and set(np.unique(mask)) <= {0, 1, 2, 3}
     # The measured columns are what the written masks say.
-    from cine.measures import clinical_measures
+    from synth4d.cine.measures import clinical_measures
     m = clinical_measures(mask[..., 0], mask[..., int(row["es"])], geom.spacing)
     assert float(row["measured_lvedv"]) == pytest.approx(m["lvedv"], abs=1e-2)
     # The folder + manifest is a data set the loader reads.
@@ -171,7 +171,7 @@ def test_two_jobs_side_by_side_into_one_folder(tiny_weights, tmp_path):
 
 def test_manifest_updates_keep_the_rows_another_job_wrote(tmp_path):
     # Two jobs side by side into one folder: each knows only its own subjects when it writes.
-    from train.generate import _read_manifest, _write_manifest
+    from synth4d.jobs.generate import _read_manifest, _write_manifest
     path = tmp_path / "manifest.csv"
     _write_manifest(path, {"synth_0000": {"id": "synth_0000", "seed": 1}})
     _write_manifest(path, {"synth_0002": {"id": "synth_0002", "seed": 3, "attempts": 1}})

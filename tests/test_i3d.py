@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from cine import DataError
-from nets.i3d import InceptionI3d, load_i3d
+from synth4d.cine import DataError
+from synth4d.nets.i3d import InceptionI3d, load_i3d
 
 # torch marks TorchScript deprecated, but it is the format of the I3D file FVD code shares.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")

@@ -1,4 +1,5 @@
-"""The latent diffusion stages: self-describing checkpoints, exact resume, condition tensors."""
+"""The latent diffusion stages: self-describing checkpoints, exact resume, batches, fine-tuning, the latent cache."""
+import json
 import math
 import shutil
 
@@ -7,34 +8,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train.ldm as ldm
-from cine import DataError, UserError
-from train.common import load_checkpoint
-from train.motion import MotionTask
-from train.static import StaticTask
+import synth4d.train.ldm as ldm
+from synth4d.cine import DataError, UserError
+from synth4d.nets.conditions import MOTION, motion_context, normaliser
+from synth4d.train.common import RunRandom
+from synth4d.train.motion import MotionTask
+from synth4d.train.static import StaticTask
+from synth4d.weights.checkpoint import REMOVED_AT, read_checkpoint
 
 
 def test_checkpoints_describe_themselves(tiny_weights):
-    _, config, meta = load_checkpoint(tiny_weights / "static.safetensors", stage="static")
+    _, config, meta = read_checkpoint(tiny_weights / "static.safetensors", stage="static")
     assert config["dx_vocab"] == ["DCM", "HCM", "MINF", "NOR", "RV"]
     assert set(meta["norm"]) == {"lvedv", "rvedv", "lv_mass", "slices", "slice_mm"}
     assert meta["vae_scale"] > 0 and meta["pred"] == "v" and meta["schedule"] == "cosine"
     assert set(meta["priors"]["dx"]) <= set(config["dx_vocab"]) and meta["priors"]["fields"][0] == "lvedv"
     assert meta["history"][-1]["step"] == 4 and math.isfinite(meta["history"][-1]["val_loss"])
-    _, config, meta = load_checkpoint(tiny_weights / "motion.safetensors", stage="motion")
+    _, config, meta = read_checkpoint(tiny_weights / "motion.safetensors", stage="motion")
     assert config["ctx_ch"] == config["in_ch"] + 1 and config["phase"]
     assert meta["residual_scale"] > 0 and set(meta["norm"]) == {"lvesv", "lvef", "rvesv", "rvef"}
     with pytest.raises(Exception, match="'static' checkpoint, expected a 'motion'"):
-        load_checkpoint(tiny_weights / "static.safetensors", stage="motion")
-
-
-def test_condition_tensors_mark_what_is_absent():
-    norm = {"lvedv": (150.0, 50.0), "rvedv": (140.0, 40.0)}
-    cond = ldm.cond_tensors([{"dx": "HCM", "lvedv": 200.0}, {"dx": None, "rvedv": 100.0, "lvedv": None}],
-                            list(norm), norm, ["DCM", "HCM"])
-    assert cond["dx"].tolist() == [1, 2]  # 2 = the null token
-    assert cond["present"].tolist() == [[True, False], [False, True]]
-    assert cond["scalars"].tolist() == [[1.0, 0.0], [0.0, -1.0]]
+        read_checkpoint(tiny_weights / "static.safetensors", stage="motion")
 
 
 @pytest.mark.parametrize("task", [StaticTask, MotionTask], ids=["static", "motion"])
@@ -68,16 +62,17 @@ def test_resume_equals_uninterrupted(tiny_phantom, tiny_weights, tmp_path, monke
 
 
 def test_motion_batches_group_frames_and_measure_residuals(tiny_phantom, tiny_weights, tmp_path):
-    from train.latents import encode_dataset
-    from train.common import FrameSampler
+    from synth4d.jobs.encode import encode_dataset
     subjects, _ = encode_dataset(tiny_phantom, tiny_weights / "vae.safetensors", cache=tmp_path / "c")
     task = MotionTask()
     task.fit(subjects)
-    norm = ldm.normaliser(subjects, ("lvesv", "lvef", "rvesv", "rvef"))
-    x0, cond, ctx, frames = task.batch(subjects, FrameSampler(0), 8, norm, ["NOR"])
-    assert x0.shape[0] == 8 and frames == 4 and ctx.shape[1] == x0.shape[1] + 1
-    # The 4 frames of a subject share its context; the slice-mask channel is 1 on real slices only.
-    assert torch.equal(ctx[0], ctx[3]) and set(ctx[:, -1].unique().tolist()) <= {0.0, 1.0}
+    norm = normaliser([s.values() for s in subjects], MOTION)
+    x0, cond, ctx = task.batch(subjects, RunRandom(0), 8, norm, ["NOR"])
+    assert x0.shape[0] == 8 and ctx.shape[1] == x0.shape[1] + 1
+    # The 4 frames of a subject share its context, motion_context of its ED latent (as in generation).
+    first = subjects[RunRandom(0).indices(len(subjects), 2)[0]]
+    assert torch.equal(ctx[0], ctx[3])
+    assert torch.equal(ctx[0], motion_context(torch.from_numpy(first.z[first.ed])[None], first.n_slices)[0])
     assert ((cond["phase"] >= 0) & (cond["phase"] < 1)).all()
     assert 0.3 < float(torch.cat([torch.from_numpy((s.z - s.z[s.ed])[..., :s.n_slices]).flatten()
                                   for s in subjects]).std()) * task.residual_scale < 3
@@ -90,11 +85,11 @@ def test_init_fine_tunes_from_given_weights(tiny_phantom, tiny_weights, tmp_path
     init = tiny_weights / name
     run = dict(preset="tiny", steps=1, batch_size=4, cache=tmp_path / "cache", lr=1e-12)
     out = ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors", tmp_path / "ft", init=init, **run)
-    start, _, meta0 = load_checkpoint(init)
-    tuned, _, meta = load_checkpoint(out)
+    start, _, meta0 = read_checkpoint(init)
+    tuned, _, meta = read_checkpoint(out)
     assert all(torch.allclose(tuned[k].float(), start[k].float(), atol=1e-6) for k in start)
     assert meta["norm"] == meta0["norm"] and meta.get("residual_scale") == meta0.get("residual_scale")
-    fresh, _, _ = load_checkpoint(ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors",
+    fresh, _, _ = read_checkpoint(ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors",
                                                 tmp_path / "fresh", **run))
     assert not all(torch.allclose(fresh[k].float(), start[k].float(), atol=1e-3) for k in start)
     other = tiny_weights / ("motion.safetensors" if task.stage == "static" else "static.safetensors")
@@ -102,35 +97,9 @@ def test_init_fine_tunes_from_given_weights(tiny_phantom, tiny_weights, tmp_path
         ldm.train_ldm(task(), tiny_phantom, tiny_weights / "vae.safetensors", tmp_path / "bad", init=other, **run)
 
 
-def test_temporal_layer_added_to_motion_weights_starts_as_identity(tiny_phantom, tiny_weights, tmp_path):
-    from nets.unet import UNet
-    from train.common import config_from_dict
-    from nets.config import UNetConfig
-    init = tiny_weights / "motion.safetensors"
-    out = ldm.train_ldm(MotionTask(), tiny_phantom, tiny_weights / "vae.safetensors", tmp_path / "t", init=init,
-                        temporal=True, preset="tiny", steps=1, batch_size=4, cache=tmp_path / "cache", lr=1e-12)
-    start, config0, _ = load_checkpoint(init)
-    tuned, config, _ = load_checkpoint(out)
-    assert config["temporal"] and not config0["temporal"]
-    assert {k for k in tuned if k.startswith("temporal.")} and set(start) < set(tuned)
-    nets = []
-    for state, cfg in ((start, config0), (tuned, config)):
-        net = UNet(config_from_dict(UNetConfig, cfg)).eval()
-        net.load_state_dict({k: v.float() for k, v in state.items()})
-        nets.append(net)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((4, config["in_ch"], 8, 8, 4), generator=g)
-    ctx = torch.randn((4, config["ctx_ch"], 8, 8, 4), generator=g)
-    cond = {"dx": torch.tensor([0, 1, 2, 3]), "scalars": torch.zeros(4, 4), "present": torch.ones(4, 4, dtype=torch.bool),
-            "phase": torch.tensor([0.0, 0.25, 0.5, 0.75])}
-    with torch.no_grad():
-        a, b = (net(x, torch.full((4,), 300), cond, ctx=ctx, frames=4) for net in nets)
-    assert torch.allclose(a, b, atol=1e-5)
-
-
 def test_latent_cache_is_per_subject(tiny_phantom, tiny_weights, tmp_path):
     """Adding a subject encodes only that one; an unreadable cache file is encoded afresh, never trusted."""
-    from train.latents import encode_dataset
+    from synth4d.jobs.encode import encode_dataset
     vae = tiny_weights / "vae.safetensors"
     part = tmp_path / "part"
     shutil.copytree(tiny_phantom, part)
@@ -153,15 +122,18 @@ def test_latent_cache_is_per_subject(tiny_phantom, tiny_weights, tmp_path):
     assert all(np.array_equal(a.z, b.z) for a, b in zip(again, fresh))
 
 
-def test_weighting_is_a_recorded_run_setting(tiny_phantom, tiny_weights, tmp_path):
-    """The weighting defaults to min_snr_v, is stored in the checkpoint, and a resume keeps the run's own."""
+def test_runs_of_removed_options_are_refused_on_resume(tiny_phantom, tiny_weights, tmp_path):
+    """The loss weighting is min_snr_v, recorded in the checkpoint; a run recorded with a weighting or the temporal
+    layer that were measured and removed cannot be resumed with this code, and the error names the commit that can."""
     run = dict(preset="tiny", batch_size=4, cache=tmp_path / "cache")
     vae = tiny_weights / "vae.safetensors"
     default = ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "a", steps=1, **run)
-    assert load_checkpoint(default)[2]["weighting"] == "min_snr_v"
-    ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "b", steps=1, weighting="min_snr", **run)
-    resumed = ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "b", steps=2, resume=True, **run)
-    assert load_checkpoint(resumed)[2]["weighting"] == "min_snr"
-    with pytest.raises(UserError, match="unknown loss weighting"):
-        ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / "c", steps=1, weighting="snr", **run)
-    assert not (tmp_path / "c").exists()
+    assert read_checkpoint(default)[2]["weighting"] == "min_snr_v"
+    for name, edit in (("weighting", {"weighting": "min_snr"}), ("old", {"weighting": None}),
+                       ("temporal", {"temporal": True})):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+        settings = json.loads((tmp_path / name / "run.json").read_text())
+        settings.update(edit)
+        (tmp_path / name / "run.json").write_text(json.dumps({k: v for k, v in settings.items() if v is not None}))
+        with pytest.raises(UserError, match=f"no longer has; resume it with the code of commit {REMOVED_AT}"):
+            ldm.train_ldm(StaticTask(), tiny_phantom, vae, tmp_path / name, steps=2, resume=True, **run)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cine.measures import clinical_measures, ejection_fraction, volume_curve, volumes
+from synth4d.cine.measures import clinical_measures, ejection_fraction, volume_curve, volumes
 
 SPACING = (1.0, 2.0, 5.0)  # 10 mm^3 per voxel = 0.01 mL
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import linalg, ndimage
 
-from cine.metrics import (bias, components_per_slice, dice, dice_binary, frechet_distance, gaussian_stats, hd95, mae,
+from synth4d.cine.metrics import (bias, components_per_slice, dice, dice_binary, frechet_distance, gaussian_stats, hd95, mae,
                           pearson, psnr, ssim, surface, temporal_smoothness)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cine import DIAGNOSES, UserError, measures, nifti, phantom
-from cine.datasets import scan
+from synth4d.cine import DIAGNOSES, UserError, measures, nifti, phantom
+from synth4d.cine.datasets import scan
 
 SMALL = dict(frames=8, matrix=64)
 MEASURES = ("lvedv", "lvesv", "rvedv", "rvesv", "lv_mass")

@@ -3,7 +3,7 @@ import math
 
 import torch
 
-from nets.pipeline import periodic_interpolate
+from synth4d.nets.pipeline import periodic_interpolate
 
 
 def test_interpolation_passes_through_the_keys_and_wraps_around():
@@ -27,29 +27,28 @@ def test_a_smooth_cycle_comes_back_from_twelve_keys():
     assert (linear - want).abs().max() > 2 * (got - want).abs().max()
 
 
-def _motion_chain(temporal):
+def _motion_chain():
     """A Generator4D around a randomised tiny motion UNet (the static net and VAE are not used here)."""
-    import dataclasses
-
-    from nets.config import UNetConfig
-    from nets.diffusion import make_schedule
-    from nets.pipeline import Generator4D
-    from nets.unet import UNet
+    from synth4d.nets.config import UNetConfig
+    from synth4d.nets.diffusion import make_schedule
+    from synth4d.nets.pipeline import Generator4D
+    from synth4d.nets.unet import UNet
     cfg = UNetConfig(in_ch=2, out_ch=2, ctx_ch=3, widths=(8, 16), down=((2, 2, 1),), attn=(False, True), blocks=1,
                      emb_dim=16, heads=2, dx_vocab=("NOR",), scalars=("lvef",), phase=True)
     torch.manual_seed(0)
-    motion = UNet(dataclasses.replace(cfg, temporal=temporal))
+    motion = UNet(cfg)
     with torch.no_grad():
         for p in motion.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    return Generator4D(None, motion.eval(), motion.eval(), make_schedule("cosine"), 1.0, 2.0, (4, 4, 3))
+    return Generator4D(None, motion.eval(), motion.eval(), make_schedule("cosine"), 1.0, 2.0, (4, 4, 3),
+                       {}, {"lvef": (50.0, 10.0)}, None, {})
 
 
 def test_ed_frames_are_not_sampled_and_the_others_do_not_notice():
-    chain = _motion_chain(temporal=False)
-    z_ed, mask = torch.randn(1, 2, 4, 4, 3), torch.ones(1, 1, 4, 4, 3)
+    chain = _motion_chain()
+    z_ed = torch.randn(1, 2, 4, 4, 3)
     cond = {"dx": torch.tensor([0]), "scalars": torch.tensor([[0.5]]), "present": torch.tensor([[True]])}
-    run = lambda phases: chain.sample_motion(z_ed, mask, cond, phases, torch.Generator().manual_seed(3), 4, 2.0)  # noqa: E731
+    run = lambda phases: chain.sample_motion(z_ed, 3, cond, phases, torch.Generator().manual_seed(3), 4, 2.0)  # noqa: E731
     calls = []
     chain.motion.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     with_ed, without = run([0.0, 0.25, 0.5, 0.75]), run([0.25, 0.5, 0.75])
@@ -59,11 +58,13 @@ def test_ed_frames_are_not_sampled_and_the_others_do_not_notice():
     assert (without - z_ed).flatten(1).abs().amax(dim=1).min() > 0.01     # and every other frame moves
 
 
-def test_a_temporal_model_still_sees_the_ed_frame():
-    chain = _motion_chain(temporal=True)
-    z_ed, mask = torch.randn(1, 2, 4, 4, 3), torch.ones(1, 1, 4, 4, 3)
+def test_generation_gives_the_motion_model_the_training_context():
+    """The motion net sees motion_context(z_ED, slices), the function the training batches use (train.motion)."""
+    from synth4d.nets.conditions import motion_context
+    chain = _motion_chain()
+    z_ed = torch.randn(1, 2, 4, 4, 3)
     cond = {"dx": torch.tensor([0]), "scalars": torch.tensor([[0.5]]), "present": torch.tensor([[True]])}
-    calls = []
-    chain.motion.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    out = chain.sample_motion(z_ed, mask, cond, [0.0, 0.5], torch.Generator().manual_seed(3), 2, 2.0)
-    assert calls == [2 * 2] * 2 and torch.equal(out[0], z_ed[0])
+    seen = []
+    chain.motion.register_forward_hook(lambda m, args, kwargs, out: seen.append(kwargs["ctx"]), with_kwargs=True)
+    chain.sample_motion(z_ed, 2, cond, [0.5], torch.Generator().manual_seed(3), 2, 1.0)
+    assert len(seen) == 2 and all(torch.equal(c, motion_context(z_ed, 2)) for c in seen)

@@ -5,13 +5,13 @@ import os
 import numpy as np
 import pytest
 
-from cine import DataError, nifti
-from cine.measures import clinical_measures
-from cine.metrics import dice
-from cine.prep import (find_heart_centre, grid_affine, prepare_dataset, prepare_image, prepare_subject, split_ids,
+from synth4d.cine import DataError, nifti
+from synth4d.cine.measures import clinical_measures
+from synth4d.cine.metrics import dice
+from synth4d.cine.prep import (find_heart_centre, grid_affine, prepare_dataset, prepare_image, prepare_subject, split_ids,
                        to_source)
-from cine.subject import Subject
-from nets.config import GridConfig
+from synth4d.cine.subject import Subject
+from synth4d.nets.config import GridConfig
 
 
 def _affine(spacing, origin, flip_x=True):
@@ -59,7 +59,7 @@ GRID = GridConfig(spacing=2.0, size=33, slices=9)
 
 
 def test_resampling_weights_interpolate_and_anti_alias():
-    from cine.prep import _weights
+    from synth4d.cine.prep import _weights
     x = np.random.default_rng(0).random(20)
     np.testing.assert_allclose(_weights(10, 20, 3.0, 1.0) @ x, x[3:13], rtol=1e-6)            # whole-voxel crop: a copy
     pos = 2.3 + 0.4 * np.arange(30)
@@ -195,7 +195,7 @@ def _write_acdc(root, n=2):
 
 
 def test_prepare_dataset_cache_hit_and_invalidation(tmp_path, monkeypatch):
-    import cine.prep
+    import synth4d.cine.prep
     _write_acdc(tmp_path / "data")
     grid, cache = GridConfig(3.0, 16, 5), tmp_path / "cache"
     first = prepare_dataset(tmp_path / "data", grid, cache_dir=cache, progress=False)
@@ -204,8 +204,8 @@ def test_prepare_dataset_cache_hit_and_invalidation(tmp_path, monkeypatch):
     assert len(files) == 2 and all(f.suffix == ".npz" and not f.name.startswith(".tmp") for f in files)
 
     calls = []
-    real = cine.prep.prepare_subject
-    monkeypatch.setattr(cine.prep, "prepare_subject", lambda s, g: calls.append(s.id) or real(s, g))
+    real = synth4d.cine.prep.prepare_subject
+    monkeypatch.setattr(synth4d.cine.prep, "prepare_subject", lambda s, g: calls.append(s.id) or real(s, g))
     again = prepare_dataset(tmp_path / "data", grid, cache_dir=cache, progress=False)
     assert calls == []
     for a, b in zip(first, again):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from cine import UserError
-from cine.priors import check_request, draw, fit_priors
+from synth4d.cine import UserError
+from synth4d.cine.priors import check_request, draw, fit_priors
 
 
 GROUPS = (("NOR", 140, 65), ("DCM", 270, 28), ("HCM", 110, 72))   # dx, mean LVEDV (mL), mean LVEF (%)
@@ -34,7 +34,7 @@ def test_draw_follows_the_diagnosis():
 
 
 def test_drawn_values_meet_the_diagnosis_criteria():
-    from cine.diagnosis import volumes_fit
+    from synth4d.cine.diagnosis import volumes_fit
     # Groups near their criteria's edges (NOR: LVEF >= 50, DCM: LVEDV > 190, HCM: LVEF > 55).
     priors = fit_priors(_records(groups=(("NOR", 140, 55), ("DCM", 215, 28), ("HCM", 110, 60))))
     fields, rng = priors["fields"], np.random.default_rng(4)

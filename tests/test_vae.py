@@ -7,15 +7,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import train.vae as tv
-import weights
-from cine import UserError, nifti
-from cine.prep import prepare_dataset
-from nets.config import VAEConfig, get_preset
-from nets.vae import VAE, DiagonalGaussian
+import synth4d.train.vae as tv
+import synth4d.jobs.segment
+from synth4d.cine import UserError, nifti
+from synth4d.cine.prep import prepare_dataset
+from synth4d.nets.config import VAEConfig, get_preset
+from synth4d.nets.vae import VAE, DiagonalGaussian
 from synth4d import cli
-from train.common import save_checkpoint
-from train.segment import segment
+from synth4d.weights.checkpoint import load_vae, read_checkpoint, save_checkpoint
+from synth4d.jobs.segment import segment
 
 TINY = get_preset("tiny")
 
@@ -31,7 +31,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from cine.phantom import write_phantom
+    from synth4d.cine.phantom import write_phantom
     root = tmp_path_factory.mktemp("phantom")
     list(write_phantom(root, n=3, seed=0, frames=6, matrix=48, progress=False))
     return root
@@ -111,7 +111,7 @@ def test_checkpoint_rebuilds_identical_model(tmp_path):
             p.add_(0.05 * torch.randn_like(p))  # the zero-initialised heads would make any model look alike
     path = save_checkpoint(tmp_path / "vae.safetensors", model, "vae", cfg,
                            {"grid": {"spacing": 6.0, "size": 24, "slices": 12}, "scale": 1.5})
-    loaded, meta = tv.load_vae(path)
+    loaded, meta = load_vae(path)
     assert loaded.cfg == cfg and meta["scale"] == 1.5 and meta["grid"] == TINY.grid
     x = torch.randn(2, 1, 24, 24, 12)
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_cli_train_then_segment(phantom, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     ckpt = Path(result.stdout.strip().splitlines()[-1])
     assert ckpt == out / "vae.safetensors" and ckpt.is_file()
-    _, _, meta = tv.load_checkpoint(ckpt, stage="vae")
+    _, _, meta = read_checkpoint(ckpt, stage="vae")
     assert meta["preset"] == "tiny" and meta["scale"] > 0 and "psnr" in meta["eval"]
     assert (out / "split.json").is_file() and (out / "log.txt").is_file()
 
@@ -176,6 +176,6 @@ def test_cli_train_then_segment(phantom, tmp_path, monkeypatch):
         next(segment(cine_path, dest, weights=ckpt))
     row = next(segment(cine_path, dest, weights=ckpt, overwrite=True))
     assert len(row["lv_curve"]) == image.shape[3] and row["lvedv"] >= row["lvesv"]
-    monkeypatch.setattr(weights, "DIR", tmp_path / "no_weights_here")
+    monkeypatch.setattr(synth4d.jobs.segment, "DIR", tmp_path / "no_weights_here")
     with pytest.raises(UserError, match="no shipped VAE weights"):
         next(segment(cine_path, tmp_path / "x.nii.gz"))

@@ -1,134 +1,25 @@
-"""The small pieces every training stage shares: device, checkpoints, resume state, EMA,
-learning-rate schedule, logging, the held-out split and reproducible batch draws.
+"""The small pieces every training stage shares: resume state, EMA, learning-rate schedule, logging,
+the held-out split and the run's random source.
 
-Checkpoints (`*.safetensors`) hold model weights only, plus metadata that lets the file alone
-rebuild the model: the stage name, a format version, the network config as JSON and any
-measured values (latent scale, grid, eval figures), each JSON-encoded. The resume state
-(`*.state.pt`) holds what a checkpoint does not: raw training weights, optimizer, EMA, step and
-every RNG, as tensors and plain Python values so `torch.load(weights_only=True)` reads it.
-All writes are atomic (temp file in the same folder, then os.replace).
+Checkpoints (weights.checkpoint) hold the model; the resume state (`*.state.pt`) holds what a
+checkpoint does not: raw training weights, optimizer, EMA, step and every RNG, as tensors and plain
+Python values so `torch.load(weights_only=True)` reads it. All writes are atomic.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
-import os
 import sys
 import time
-import typing
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cine import DataError, UserError
-
-FORMAT_VERSION = "1"
-_RESERVED = ("format", "stage", "format_version", "config")
-
-
-def select_device(name: str) -> torch.device:
-    """torch.device from a CLI string; a clear UserError when the device is unknown or absent."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} requested but CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {name!r} requested but MPS is not available on this machine; use --device cpu")
-    return device
-
-
-def autocast(device):
-    """bf16 autocast on CUDA, where it speeds convolutions up; a no-op elsewhere (CPU bf16 is slower)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def atomic_write(path: Path, write):
-    """Call write(tmp) then rename tmp over path, so a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints: safetensors weights + self-describing metadata
-
-
-def save_checkpoint(path, model, stage: str, config, meta: dict | None = None) -> Path:
-    """Write model weights (a module or a state dict) with stage, format version, config and meta."""
-    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    metadata = {"format": "synth4d", "stage": stage, "format_version": FORMAT_VERSION,
-                "config": json.dumps(dataclasses.asdict(config))}
-    for key, value in (meta or {}).items():
-        if key in _RESERVED:
-            raise ValueError(f"meta key {key!r} is reserved")
-        metadata[key] = json.dumps(value)
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def load_checkpoint(path, stage: str | None = None) -> tuple[dict, dict, dict]:
-    """Read a checkpoint -> (state_dict, config dict, meta dict); DataError if it is not the expected one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "checkpoint not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for foreign or truncated files
-        raise DataError(path, f"not a readable safetensors checkpoint ({type(e).__name__})") from None
-    if metadata.get("format") != "synth4d" or "stage" not in metadata or "config" not in metadata:
-        raise DataError(path, "not a synth4d checkpoint (no synth4d metadata)")
-    if metadata.get("format_version") != FORMAT_VERSION:
-        raise DataError(path, f"checkpoint format version {metadata.get('format_version')!r} is not "
-                              f"supported (this synth4d reads {FORMAT_VERSION!r})")
-    if stage is not None and metadata["stage"] != stage:
-        raise DataError(path, f"a {metadata['stage']!r} checkpoint, expected a {stage!r} one")
-    try:
-        config = json.loads(metadata["config"])
-        meta = {k: json.loads(v) for k, v in metadata.items() if k not in _RESERVED}
-    except json.JSONDecodeError:
-        raise DataError(path, "checkpoint metadata is not valid JSON") from None
-    return state, config, meta
-
-
-def config_from_dict(cls, d: dict):
-    """Rebuild a (frozen) config dataclass from its JSON dict: lists become tuples, nested configs recurse."""
-    hints = typing.get_type_hints(cls)
-
-    def convert(value, hint):
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            return config_from_dict(hint, value)
-        if isinstance(value, list):
-            return tuple(convert(v, None) for v in value)
-        return value
-
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(sorted(unknown))}")
-    return cls(**{k: convert(v, hints.get(k)) for k, v in d.items()})
+from synth4d.cine import DataError, UserError, atomic_write
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,9 +87,10 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-class FrameSampler:
-    """Reproducible random draws for batches and augmentation, from one torch.Generator whose
-    state goes into the resume state (so a resumed run draws exactly what it would have)."""
+class RunRandom:
+    """The run's random source: every draw for batches, augmentation, noise and condition dropout comes
+    from one torch.Generator whose state goes into the resume state, so a resumed run draws exactly
+    what it would have."""
 
     def __init__(self, seed: int):
         self.generator = torch.Generator().manual_seed(seed)
@@ -222,7 +114,7 @@ class FrameSampler:
 
 def write_split(out, ids, val_fraction: float, seed: int) -> tuple[list, list]:
     """Split subject ids into (train, val) and record it in out/split.json; on resume use read_split."""
-    from cine.prep import split_ids
+    from synth4d.cine.prep import split_ids
     train_ids, val_ids = split_ids(list(ids), val_fraction, seed)
     record = {"seed": seed, "val_fraction": val_fraction, "train": list(train_ids), "val": list(val_ids)}
     atomic_write(Path(out) / "split.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
@@ -316,17 +208,3 @@ class RunLog:
         if self._n:
             self._flush()
         self.bar.close()
-
-
-
-def export_half(src, dst) -> Path:
-    """Copy a checkpoint with its float tensors stored as float16: half the size, for shipping.
-
-    Loading needs nothing special: load_state_dict casts them back into the float32 parameters.
-    """
-    load_checkpoint(src)  # a clear DataError for anything that is not a synth4d checkpoint
-    with safe_open(str(src), framework="pt", device="cpu") as f:
-        metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
-    return atomic_write(Path(dst), lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,10 +1,10 @@
 """Stage 3: the motion LDM — the residual latent z_t - z_ED of every cardiac phase.
 
-Inputs: the noisy residual, the subject's z_ED and its slice mask as context channels.
-Conditions: the cardiac phase (continuous, ED = 0), the diagnosis and the systolic priors
-(LVESV, LVEF, RVESV, RVEF), each droppable. Residuals are rescaled to unit standard deviation
-(the measured factor is stored in the checkpoint). A batch holds FRAMES frames of each of
-B / FRAMES subjects, consecutive, so a temporal layer (UNetConfig.temporal) can mix them.
+Inputs: the noisy residual and the motion context (the subject's z_ED and its slice mask,
+nets.conditions.motion_context, built the same way as in generation). Conditions: the cardiac phase
+(continuous, ED = 0), the diagnosis and the systolic priors (nets.conditions.MOTION), each droppable.
+Residuals are rescaled to unit standard deviation (the measured factor is stored in the checkpoint).
+A batch holds FRAMES random frames of each of B / FRAMES random subjects.
 Tensor axes: (B, C, X, Y, Z) latents, B = subjects * FRAMES.
 """
 from __future__ import annotations
@@ -12,16 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from train.ldm import cond_tensors, train_ldm
+from synth4d.nets.conditions import cond_tensors, motion_context
+from synth4d.train.ldm import train_ldm
 
 FRAMES = 4
-
-
-def context(z_ed: np.ndarray, n_slices: int) -> np.ndarray:
-    """(C, X, Y, Z) ED latent -> (C + 1, X, Y, Z) context: the latent and a mask of the real slices."""
-    mask = np.zeros((1,) + z_ed.shape[1:], np.float32)
-    mask[..., :n_slices] = 1.0
-    return np.concatenate([z_ed, mask])
 
 
 class MotionTask:
@@ -42,19 +36,19 @@ class MotionTask:
         """Fine-tuning keeps the scale the weights were trained with."""
         self.residual_scale = float(meta["residual_scale"])
 
-    def batch(self, subjects, sampler, bs, norm, dx_vocab):
-        n_subj = max(1, bs // FRAMES)
+    def batch(self, subjects, rng, bs, norm, dx_vocab):
+        """Residual latents (B, C, X, Y, Z), their conditions with phase, and their context (B, C + 1, X, Y, Z)."""
         x0, ctx, rows = [], [], []
-        for i in sampler.indices(len(subjects), n_subj):
+        for i in rng.indices(len(subjects), max(1, bs // FRAMES)):
             s = subjects[i]
-            c = context(s.z[s.ed], s.n_slices)
-            for t in sampler.indices(s.frames, FRAMES):
-                x0.append((s.z[t] - s.z[s.ed]) * self.residual_scale)
+            c = motion_context(torch.from_numpy(s.z[s.ed])[None], s.n_slices)[0]          # (C + 1, X, Y, Z)
+            for t in rng.indices(s.frames, FRAMES):
+                x0.append(torch.from_numpy((s.z[t] - s.z[s.ed]) * self.residual_scale))
                 ctx.append(c)
                 rows.append({**s.values(), "phase": ((t - s.ed) % s.frames) / s.frames})
-        cond = cond_tensors(rows, list(norm), norm, dx_vocab)
+        cond = cond_tensors(rows, norm, dx_vocab)
         cond["phase"] = torch.tensor([r["phase"] for r in rows], dtype=torch.float32)        # (B,)
-        return torch.from_numpy(np.stack(x0)), cond, torch.from_numpy(np.stack(ctx)), FRAMES
+        return torch.stack(x0), cond, torch.stack(ctx)
 
 
 def train_motion(data, vae_path, out, **kw) -> str:

@@ -1,16 +1,17 @@
 """Stage 2: the static LDM — end-diastolic anatomy (the latent of the ED frame) from clinical priors.
 
-Conditions: diagnosis, LVEDV, RVEDV, LV mass, slice count and slice thickness; any of them may be
-absent (unlabelled subjects train with their volumes absent). The per-diagnosis prior of the
-measures is fitted here and stored in the checkpoint, so generation can fill in what a user omits.
-Tensor axes: (B, C, X, Y, Z) latents.
+Conditions: diagnosis, LVEDV, RVEDV, LV mass, slice count and slice thickness (nets.conditions.STATIC);
+any of them may be absent (unlabelled subjects train with their volumes absent). The per-diagnosis
+prior of the measures is fitted here and stored in the checkpoint, so generation can fill in what a
+user omits. Tensor axes: (B, C, X, Y, Z) latents.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from train.ldm import cond_tensors, train_ldm
+from synth4d.nets.conditions import cond_tensors
+from synth4d.train.ldm import train_ldm
 
 
 class StaticTask:
@@ -25,11 +26,11 @@ class StaticTask:
     def load_meta(self, meta: dict) -> None:
         pass
 
-    def batch(self, subjects, sampler, bs, norm, dx_vocab):
-        """bs random subjects' ED latents (B, C, X, Y, Z) with their conditions."""
-        picks = [subjects[i] for i in sampler.indices(len(subjects), bs)]
+    def batch(self, subjects, rng, bs, norm, dx_vocab):
+        """bs random subjects' ED latents (B, C, X, Y, Z) with their conditions; no context."""
+        picks = [subjects[i] for i in rng.indices(len(subjects), bs)]
         x0 = torch.from_numpy(np.stack([s.z[s.ed] for s in picks]))                        # (B, C, X, Y, Z)
-        return x0, cond_tensors([s.values() for s in picks], list(norm), norm, dx_vocab), None, None
+        return x0, cond_tensors([s.values() for s in picks], norm, dx_vocab), None
 
 
 def train_static(data, vae_path, out, **kw) -> str:

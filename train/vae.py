@@ -20,12 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cine import LABELS, DataError, UserError
-from nets.config import GridConfig, VAEConfig, get_preset
-from nets.vae import VAE
-from train.common import (FrameSampler, RunLog, autocast, config_from_dict, load_checkpoint, load_state,
-                          lr_at, make_ema, read_split, resumed_settings, save_checkpoint, save_state,
-                          select_device, update_ema, write_split)
+from synth4d.cine import LABELS, UserError, atomic_write
+from synth4d.nets.config import get_preset
+from synth4d.nets.device import autocast, select_device
+from synth4d.nets.pipeline import encode_frames, reconstruct
+from synth4d.nets.vae import VAE
+from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, read_split, resumed_settings,
+                                  save_state, update_ema, write_split)
+from synth4d.weights.checkpoint import save_checkpoint
 
 KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
                      # while the latent stays informative (posterior std well below 1)
@@ -39,7 +41,7 @@ STRUCTURES = (1, 2, 3)
 def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="cpu",
               seed=0, skip_bad=False, cache=None, eval_every=500) -> str:
     """Train the VAE on the data set in `data`; returns the path of the best checkpoint (out/vae.safetensors)."""
-    from cine.prep import prepare_dataset
+    from synth4d.cine.prep import prepare_dataset
 
     out = Path(out)
     dev = select_device(device)
@@ -57,7 +59,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     run["lr"] = run["lr"] or p.train_vae.lr
     total, bs, seed = run["steps"], run["batch_size"], run["seed"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").write_text(json.dumps(run, indent=1))
+    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
 
     subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad)}
     if len(subjects) < 2:
@@ -73,11 +75,11 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     model = VAE(p.vae).to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
     opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
-    sampler = FrameSampler(seed)
+    rng = RunRandom(seed)
     start, best = 0, {"score": -float("inf")}
     if resume:
         start, extra = load_state(state_path, model, opt, ema)
-        sampler.set_state(extra["sampler"])
+        rng.set_state(extra.get("rng", extra.get("sampler")))  # "sampler": runs saved before the rename
         best = extra["best"]
     warmup = min(200, max(1, total // 20))
     decay = min(EMA_DECAY, 1.0 - 10.0 / total)  # short runs would otherwise evaluate the initial weights
@@ -92,7 +94,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         lr_now = lr_at(step, run["lr"], warmup, total)
         for group in opt.param_groups:
             group["lr"] = lr_now
-        x, target, mask, label_w, zmask = (t.to(dev) for t in _batch(train, frames, labelled, sampler, bs))
+        x, target, mask, label_w, zmask = (t.to(dev) for t in _batch(train, frames, labelled, rng, bs))
         x = x.to(memory_format=torch.channels_last_3d)
         with autocast(dev):
             image, logits, posterior = model(x)
@@ -115,23 +117,23 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
                 if score > best["score"] or not best_path.exists():
                     best = {"score": score, "step": done}
                     save_checkpoint(best_path, ema, "vae", p.vae, info)
-                save_state(state_path, model, opt, ema, done, {"sampler": sampler.state(), "best": best})
+                save_state(state_path, model, opt, ema, done, {"rng": rng.state(), "best": best})
     log.note(f"best checkpoint: step {best.get('step')} ({best_path})")
     log.close()
     return str(best_path)
 
 
-def _batch(train, frames, labelled, sampler: FrameSampler, bs: int):
+def _batch(train, frames, labelled, rng: RunRandom, bs: int):
     """Draw a batch: each slot is a labelled frame with probability 1/2 (when any exist), else any frame.
 
     Returns input (B, 1, X, Y, Z) with light intensity augmentation + noise, its clean target,
     masks (B, X, Y, Z) (zeros where unlabelled), label weights (B,) and slice weights (B, 1, 1, 1, Z).
     """
-    from_labelled = (sampler.uniform(bs) < 0.5).tolist() if labelled else [False] * bs
+    from_labelled = (rng.uniform(bs) < 0.5).tolist() if labelled else [False] * bs
     picks = []
     for lab in from_labelled:
         pool = labelled if lab else frames
-        picks.append(pool[sampler.indices(len(pool), 1)[0]])
+        picks.append(pool[rng.indices(len(pool), 1)[0]])
     image = torch.from_numpy(np.stack([train[s].image[..., t] for s, t in picks]))[:, None]   # (B, 1, X, Y, Z)
     shape = image.shape[2:]
     mask = torch.from_numpy(np.stack([train[s].masks.get(t, np.zeros(shape, np.uint8)) for s, t in picks])).long()
@@ -140,10 +142,10 @@ def _batch(train, frames, labelled, sampler: FrameSampler, bs: int):
     for b, (s, _) in enumerate(picks):
         zmask[b, ..., :train[s].n_slices] = 1.0
     # Intensity-only augmentation keeps the image-mask pairing (flips would swap the heart's handedness).
-    gamma = torch.exp(sampler.uniform(bs, 1, 1, 1, 1, low=-0.2, high=0.2))
-    gain = sampler.uniform(bs, 1, 1, 1, 1, low=0.9, high=1.05)
+    gamma = torch.exp(rng.uniform(bs, 1, 1, 1, 1, low=-0.2, high=0.2))
+    gain = rng.uniform(bs, 1, 1, 1, 1, low=0.9, high=1.05)
     target = ((image + 1) / 2).clamp(0, 1).pow(gamma).mul(gain) * 2 - 1
-    noise = sampler.uniform(bs, 1, 1, 1, 1, high=0.03) * sampler.normal(*image.shape)
+    noise = rng.uniform(bs, 1, 1, 1, 1, high=0.03) * rng.normal(*image.shape)
     return target + noise, target, mask, label_w, zmask
 
 
@@ -171,22 +173,6 @@ def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=K
     return {"loss": loss, "l1": rec, "kl": kl, "ce": ce, "dice": dice}
 
 
-@torch.no_grad()
-def reconstruct(model, image4d: np.ndarray, device, batch: int = 8):
-    """(X, Y, Z, T) cine -> reconstructed (X, Y, Z, T) image and (C, X, Y, Z, T) probabilities, from posterior modes."""
-    frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image4d, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
-    images, probs = [], []
-    for chunk in frames.split(batch):
-        with autocast(device):
-            z = model.encode(chunk.to(device)).mode()
-            image, logits = model.decode(z, size=chunk.shape[2:4])
-        images.append(image.float()[:, 0].cpu())
-        probs.append(logits.float().softmax(dim=1).cpu())
-    image = torch.cat(images).permute(1, 2, 3, 0).numpy()                                   # (X, Y, Z, T)
-    prob = torch.cat(probs).permute(1, 2, 3, 4, 0).numpy()                                  # (C, X, Y, Z, T)
-    return image, prob
-
-
 def evaluate_vae(model, subjects, device) -> dict:
     """Held-out figures: PSNR/SSIM, Dice per structure on labelled frames and, where a full-cycle
     ground truth exists (phantom), on frames that carry no label.
@@ -194,7 +180,7 @@ def evaluate_vae(model, subjects, device) -> dict:
     Per subject: its labelled frames and EVAL_FRAMES frames spread over the cycle, the same ones
     at every evaluation (a CPU forward costs ~0.3 s a frame on the cpu preset).
     """
-    from cine.metrics import dice, psnr, ssim
+    from synth4d.cine.metrics import dice, psnr, ssim
 
     was_training = model.training
     model.eval()
@@ -234,25 +220,8 @@ def latent_scale(model, subjects, device, n_frames: int = SCALE_FRAMES) -> float
     picks = [frames[i] for i in np.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().astype(int)]
     was_training = model.training
     model.eval()
-    values = []
-    for i in range(0, len(picks), 8):
-        chunk = picks[i:i + 8]
-        x = torch.from_numpy(np.stack([s.image[..., t] for s, t in chunk]))[:, None].to(device)  # (b, 1, X, Y, Z)
-        with autocast(device):
-            mean = model.encode(x).mode().float()
-        values += [mean[j, ..., :s.n_slices].flatten().cpu() for j, (s, _) in enumerate(chunk)]
+    x = torch.from_numpy(np.stack([s.image[..., t] for s, t in picks]))[:, None]             # (N, 1, X, Y, Z)
+    mean = encode_frames(model, x, device)                                                  # (N, C, x, y, Z)
+    values = [mean[j, ..., :s.n_slices].flatten() for j, (s, _) in enumerate(picks)]
     model.train(was_training)
     return float(1.0 / torch.cat(values).std().clamp_min(1e-8))
-
-
-def load_vae(path, device="cpu") -> tuple[VAE, dict]:
-    """Rebuild the VAE from a checkpoint file alone -> (model in eval mode on device, metadata)."""
-    state, config, meta = load_checkpoint(path, stage="vae")
-    try:
-        model = VAE(config_from_dict(VAEConfig, config))
-        model.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise DataError(path, f"checkpoint does not match the VAE ({str(e).splitlines()[0][:120]})") from None
-    if "grid" in meta:
-        meta["grid"] = config_from_dict(GridConfig, meta["grid"])
-    return model.to(select_device(str(device))).eval(), meta

@@ -1,5 +1,6 @@
-"""`synth4d eval`: a generated data set against a real one — FVD (or fvd_vae), controllability,
-temporal coherence — and the VAE's reconstruction of the real set.
+"""`synth4d eval`: a generated data set against a real one — FVD (or fvd_vae, jobs.fvd), controllability,
+temporal coherence, image-mask agreement — and the VAE's reconstruction of the real set. The readable
+table of the result is jobs.report's.
 
 Axis vocabulary: a cine is (X, Y, Z, T), a mask over the cycle (X, Y, Z, T), a clip (one slice
 over one cycle) (16, X, Y), a batch of clips for I3D (B, 3, 16, 224, 224), features (N, D).
@@ -17,26 +18,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import weights as shipped
-from cine import LABELS, DataError, UserError
-from cine.datasets import scan
-from cine.diagnosis import CRITERIA, NOT_CHECKED, meets
-from cine.measures import clinical_measures, volume_curve, wall_thickness
-from cine.metrics import (bias, components_per_slice, dice, frechet_distance, gaussian_stats, hd95, mae, pearson,
-                          psnr, ssim, temporal_smoothness)
-from cine.prep import prepare_subject, to_source
-from nets.config import GridConfig
-from nets.i3d import SIZE as I3D_SIZE
-from train.common import autocast, select_device
+from synth4d.cine import LABELS, DataError, UserError
+from synth4d.cine.datasets import scan
+from synth4d.cine.diagnosis import CRITERIA, NOT_CHECKED, meets
+from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve, wall_thickness
+from synth4d.cine.metrics import bias, components_per_slice, dice, hd95, mae, pearson, psnr, ssim, temporal_smoothness
+from synth4d.cine.prep import prepare_subject, to_source
+from synth4d.jobs.fvd import fvd_report
+from synth4d.jobs.report import clean
+from synth4d.nets.config import GridConfig
+from synth4d.nets.device import select_device
+from synth4d.nets.pipeline import reconstruct
+from synth4d.weights import DIR
+from synth4d.weights.checkpoint import load_vae
 
-FVD_FRAMES = 16
-POOL = 4              # fvd_vae: posterior means averaged to POOL x POOL in-plane
 MAX_SLICES = 32       # more than any short-axis stack: FVD and coherence see every slice
-PRIORS = ("lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef", "lv_mass")
 STRUCTURES = (1, 2, 3)
 COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, lower is smoother, higher with "
              "fewer frames (compare sets with equal frame counts); image change: mean |frame t+1 - frame t| "
@@ -54,7 +52,7 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     real_ds = scan(real)
     gen_ds = scan(generated) if generated is not None else None
     manifest = _manifest(generated) if generated is not None else None
-    vae_path = Path(weights or shipped.DIR) / "vae.safetensors"
+    vae_path = Path(weights or DIR) / "vae.safetensors"
     if not (fvd or control or coherence or recon or agreement):
         fvd = gen_ds is not None and (i3d is not None or vae_path.is_file())
         control = coherence = manifest is not None
@@ -76,7 +74,6 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     dev = select_device(device)
     vae = None
     if recon or agreement or (fvd and i3d is None):
-        from train.vae import load_vae
         vae = load_vae(vae_path, dev)
     result = {"real": {"path": str(real), "layout": real_ds.layout, "subjects": len(real_ds.refs)}}
     if gen_ds is not None:
@@ -84,7 +81,7 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
                                "manifest": manifest is not None}
     grid = _generated_grid(gen_ds) if gen_ds is not None else None
     if fvd and i3d is not None:
-        from nets.i3d import load_i3d
+        from synth4d.nets.i3d import load_i3d
         result["fvd"] = fvd_report(real_ds, gen_ds, grid, i3d_features=load_i3d(i3d, dev), i3d_path=i3d)
     elif fvd:
         result["fvd_vae"] = fvd_report(real_ds, gen_ds, vae[1]["grid"], vae=vae, device=dev)
@@ -97,7 +94,7 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
         result["recon"] = reconstruction(real_ds, *vae, dev, vae_path)
     if agreement:
         result["agreement"] = image_mask_agreement(gen_ds, *vae, dev, vae_path)
-    return _clean(result)
+    return clean(result)
 
 
 def _manifest(folder):
@@ -106,7 +103,7 @@ def _manifest(folder):
         return None
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    if not rows or "id" not in rows[0] or not any(f"requested_{k}" in rows[0] for k in PRIORS):
+    if not rows or "id" not in rows[0] or not any(f"requested_{k}" in rows[0] for k in MEASURES):
         raise DataError(path, "not a synth4d manifest (needs id and requested_<measure> columns)")
     return {"path": str(path), "rows": {r["id"]: r for r in rows}}
 
@@ -115,11 +112,6 @@ def _generated_grid(ds) -> GridConfig:
     """The in-plane grid of the generated files (spacing and size of the first subject), keeping every slice."""
     s = ds.refs[0].load()
     return GridConfig(spacing=float(s.spacing[0]), size=int(s.image.shape[0]), slices=MAX_SLICES)
-
-
-def _subjects(ds, desc):
-    for ref in tqdm(ds.refs, desc=desc, unit="subject", file=sys.stderr, leave=False):
-        yield ref.load()
 
 
 def full_cycle_mask(subject, generated=False):
@@ -138,81 +130,6 @@ def full_cycle_mask(subject, generated=False):
     return None
 
 
-# ---- FVD ---------------------------------------------------------------------------------
-
-def cycle_frames(image, ed, n=FVD_FRAMES):
-    """(X, Y, Z, T) -> (X, Y, Z, n): the cycle from ED, linearly interpolated at n even phases (periodic)."""
-    image = np.roll(image, -ed, axis=3)
-    pos = np.arange(n) * image.shape[3] / n
-    i0 = np.floor(pos).astype(int)
-    w = (pos - i0).astype(np.float32)
-    return image[..., i0] * (1 - w) + image[..., (i0 + 1) % image.shape[3]] * w
-
-
-def _cycles(ds, grid, desc):
-    """Per subject: its cycle from ED on grid at 16 phases (X, Y, Z, 16) and its number of real slices."""
-    for s in _subjects(ds, desc):
-        p = prepare_subject(s, grid)
-        yield cycle_frames(p.image, p.ed), p.n_slices
-
-
-@torch.no_grad()
-def vae_clip_features(frames, n_slices, vae, device):
-    """fvd_vae feature of each slice clip: posterior means (x latent scale) of the 16 frames, averaged to
-    POOL x POOL in-plane per latent channel, then their mean and std over the 16 frames: (n, 2 C POOL^2)."""
-    model, meta = vae
-    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(frames, 3, 0)))[:, None].to(device)  # (16, 1, X, Y, Z)
-    with autocast(device):
-        mean = model.encode(x).mode().float() * float(meta["scale"])                         # (16, C, x, y, Z)
-    pooled = F.adaptive_avg_pool3d(mean, (POOL, POOL, mean.shape[4]))[..., :n_slices]        # (16, C, P, P, n)
-    per_slice = pooled.permute(4, 0, 1, 2, 3).flatten(2)                                      # (n, 16, C P P)
-    return torch.cat([per_slice.mean(1), per_slice.std(1)], dim=1).cpu().numpy()
-
-
-def fvd_report(real_ds, gen_ds, grid, i3d_features=None, i3d_path=None, vae=None, device="cpu", size=I3D_SIZE) -> dict:
-    """The Fréchet distance of clip features, generated vs real and between two halves of real (by subject)."""
-    def features(ds, desc):
-        per_subject = []
-        for frames, n in _cycles(ds, grid, desc):
-            if i3d_features is not None:
-                clips = np.ascontiguousarray(frames[:, :, :n].transpose(2, 3, 0, 1))  # (n, 16, X, Y)
-                per_subject.append(i3d_features.grey_clips(torch.from_numpy(clips), size).numpy())
-            else:
-                per_subject.append(vae_clip_features(frames, n, vae, device))
-        return per_subject
-
-    real = features(real_ds, "FVD features (real)")
-    gen = np.concatenate(features(gen_ds, "FVD features (generated)"))
-    halves = [np.concatenate(real[0::2]), np.concatenate(real[1::2])] if len(real) >= 2 else []
-    real_all = np.concatenate(real)
-    if min(len(real_all), len(gen)) < 2:
-        raise UserError(f"a Fréchet distance needs at least 2 clips per set; got {len(real_all)} real, "
-                        f"{len(gen)} generated")
-    enough = len(halves) == 2 and min(len(h) for h in halves) >= 2
-    if i3d_features is not None:
-        feature = (f"Inception-I3D (Kinetics-400) logits averaged over time, 400-d; weights {i3d_path} "
-                   f"({i3d_features.kind}); frames resized to {size} x {size}, grey repeated to 3 channels")
-    else:
-        c = vae[0].cfg.latent_ch
-        feature = (f"NOT FVD: VAE encoder posterior means x latent scale per frame, averaged to {POOL} x {POOL} "
-                   f"in-plane per channel ({c} channels), mean and std over the 16 frames: {2 * c * POOL * POOL}-d")
-    return {
-        "value": frechet_distance(*gaussian_stats(real_all), *gaussian_stats(gen)),
-        "real_halves": frechet_distance(*gaussian_stats(halves[0]), *gaussian_stats(halves[1])) if enough else None,
-        "protocol": {
-            "feature": feature, "frames": FVD_FRAMES,
-            "resolution": [size, size] if i3d_features is not None else [grid.size, grid.size],
-            "clip": "one short-axis slice over one cardiac cycle from ED, linearly resampled to 16 frames",
-            "grid": dataclasses.asdict(grid),
-            "intensity": "per subject, 0.5 and 99.5 percentiles to -1 and 1 (cine.prep)",
-            "distance": "Fréchet distance of Gaussian fits, float64, eigen-decomposition square root",
-            "subjects": {"real": len(real), "generated": len(gen_ds.refs)},
-            "clips": {"real": len(real_all), "generated": len(gen)},
-            "real_halves": {"split": "subjects alternately, in id order", "clips": [len(h) for h in halves]},
-        },
-    }
-
-
 # ---- controllability -----------------------------------------------------------------------
 
 def measure_generated(subject) -> dict:
@@ -228,13 +145,13 @@ def measure_generated(subject) -> dict:
 def controllability(gen_ds, manifest) -> dict:
     """Per prior: Pearson r, MAE and bias (measured - requested); the rate of diagnosis criteria met."""
     refs = {r.id: r for r in gen_ds.refs}
-    requested, measured, checks = {k: [] for k in PRIORS}, {k: [] for k in PRIORS}, {}
+    requested, measured, checks = {k: [] for k in MEASURES}, {k: [] for k in MEASURES}, {}
     rows = sorted(manifest["rows"].items())
     for sid, row in tqdm(rows, desc="controllability", unit="subject", file=sys.stderr, leave=False):
         if sid not in refs:
             raise DataError(manifest["path"], f"row {sid!r} names no subject in {gen_ds.root}")
         m = measure_generated(refs[sid].load())
-        for k in PRIORS:
+        for k in MEASURES:
             if row.get(f"requested_{k}") not in (None, "") and np.isfinite(m[k]):
                 requested[k].append(float(row[f"requested_{k}"]))
                 measured[k].append(m[k])
@@ -243,7 +160,7 @@ def controllability(gen_ds, manifest) -> dict:
             checks.setdefault(row["dx"], []).append(verdict)
     priors = {k: {"n": len(requested[k]), "r": pearson(requested[k], measured[k]) if len(requested[k]) > 1 else None,
                   "mae": mae(requested[k], measured[k]) if requested[k] else None,
-                  "bias": bias(requested[k], measured[k]) if requested[k] else None} for k in PRIORS}
+                  "bias": bias(requested[k], measured[k]) if requested[k] else None} for k in MEASURES}
     n_checked = sum(len(v) for v in checks.values())
     return {"subjects": len(manifest["rows"]), "priors": priors,
             "diagnosis": {"rate": sum(sum(v) for v in checks.values()) / n_checked if n_checked else None,
@@ -261,7 +178,7 @@ def coherence_stats(ds, grid, generated: bool) -> dict:
     """Volume-curve smoothness, ED/ES timing, frame-to-frame image change and mask topology of one set."""
     lv_smooth, rv_smooth, ed_offset, es_phase, change, change_smooth, frames = [], [], [], [], [], [], []
     one, present = np.zeros(len(STRUCTURES)), np.zeros(len(STRUCTURES))
-    for s in _subjects(ds, "coherence (generated)" if generated else "coherence (real)"):
+    for s in ds.load_each("coherence (generated)" if generated else "coherence (real)"):
         T, ed = s.n_frames, 0 if generated else s.ed
         frames.append(T)
         mask = full_cycle_mask(s, generated)
@@ -306,12 +223,10 @@ def _mean(values):
 def reconstruction(real_ds, model, meta, device, path) -> dict:
     """PSNR and SSIM of every frame; Dice and HD95 per structure on labelled frames and on the
     other frames of a full-cycle ground truth (phantom), all on the VAE's grid."""
-    from train.vae import reconstruct
-
     grid = meta["grid"]
     psnrs, ssims = [], []
     per = {kind: {c: {"dice": [], "hd95": []} for c in STRUCTURES} for kind in ("labelled", "unlabelled")}
-    for s in _subjects(real_ds, "reconstruction"):
+    for s in real_ds.load_each("reconstruction"):
         p = prepare_subject(s, grid)
         n = p.n_slices
         image, prob = reconstruct(model, p.image, device)
@@ -340,10 +255,8 @@ def image_mask_agreement(gen_ds, model, meta, device, path) -> dict:
     """Do generated images and masks agree? The VAE's mask head segments each generated image on its own
     (as `synth4d segment` does: on the VAE grid, mapped back to the file's grid) and is scored against
     the generated mask: Dice per structure over every frame with a mask."""
-    from train.vae import reconstruct
-
     per, subjects = {c: [] for c in STRUCTURES}, 0
-    for s in _subjects(gen_ds, "image-mask agreement"):
+    for s in gen_ds.load_each("image-mask agreement"):
         truth = full_cycle_mask(s, generated=True)
         if truth is None:
             continue
@@ -358,74 +271,3 @@ def image_mask_agreement(gen_ds, model, meta, device, path) -> dict:
     return {"dice": {LABELS[c]: _mean(v) for c, v in per.items()}, "frames": len(per[1]), "subjects": subjects,
             "checkpoint": str(path), "protocol": "the VAE's mask head on each generated image vs the generated mask, "
                                                  "Dice per structure, every frame with labels"}
-
-
-# ---- output ------------------------------------------------------------------------------
-
-def _clean(obj):
-    """JSON-safe: numpy scalars to Python, NaN and infinities to None, tuples to lists."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
-def _f(x, fmt=".3g"):
-    return "-" if x is None else format(x, fmt)
-
-
-def format_table(result: dict) -> str:
-    """A readable report of evaluate's result, for stderr."""
-    lines = [f"real       {result['real']['path']} ({result['real']['layout']}, {result['real']['subjects']} subjects)"]
-    if "generated" in result:
-        g = result["generated"]
-        lines.append(f"generated  {g['path']} ({g['layout']}, {g['subjects']} subjects)")
-    for name in ("fvd", "fvd_vae"):
-        if name in result:
-            r, p = result[name], result[name]["protocol"]
-            lines += ["", f"{name.upper() if name == 'fvd' else name}  {_f(r['value'], '.4g')}   "
-                          f"(real half vs half: {_f(r['real_halves'], '.4g')})",
-                      f"  feature: {p['feature']}",
-                      f"  clips: {p['clip']}; resolution {p['resolution'][0]} x {p['resolution'][1]}",
-                      f"  subjects real {p['subjects']['real']} / generated {p['subjects']['generated']}, "
-                      f"clips real {p['clips']['real']} / generated {p['clips']['generated']}, "
-                      f"halves {p['real_halves']['clips']}"]
-    if "control" in result:
-        c = result["control"]
-        lines += ["", f"controllability ({c['subjects']} subjects; {c['protocol']})",
-                  f"  {'prior':<8}{'n':>5}{'r':>8}{'MAE':>9}{'bias':>9}"]
-        lines += [f"  {k:<8}{v['n']:>5}{_f(v['r'], '.3f'):>8}{_f(v['mae'], '.2f'):>9}{_f(v['bias'], '+.2f'):>9}"
-                  for k, v in c["priors"].items()]
-        d = c["diagnosis"]
-        lines.append(f"  diagnosis criteria met: {_f(d['rate'], '.2f')} of {d['n']}  "
-                     + "  ".join(f"{dx} {v['rate']:.2f} ({v['n']})" for dx, v in d["per_dx"].items()))
-        lines += [f"    {dx}: {text}" for dx, text in d["criteria"].items()]
-        lines += [f"    not checked, {dx}: {text}" for dx, text in d["not_checked"].items()]
-    if "coherence" in result:
-        r, g = result["coherence"]["real"], result["coherence"]["generated"]
-        keys = [("subjects", "subjects"), ("frames (mean)", "frames_mean"), ("full-cycle masks", "full_cycle_masks"),
-                ("LV curve roughness", "lv_curve_roughness"), ("RV curve roughness", "rv_curve_roughness"),
-                ("ED offset (cycle)", "ed_offset"), ("ES phase (cycle)", "es_phase"), ("ES phase sd", "es_phase_sd"),
-                ("image change / frame", "image_change"), ("image change roughness", "image_change_roughness")]
-        rows = [(label, r[k], g[k]) for label, k in keys]
-        rows += [(f"one component {s}", r["one_component"][s], g["one_component"][s]) for s in r["one_component"]]
-        lines += ["", f"{'temporal coherence':<24}{'real':>10}{'generated':>12}"]
-        lines += [f"  {label:<22}{_f(a):>10}{_f(b):>12}" for label, a, b in rows]
-    if "recon" in result:
-        r = result["recon"]
-        lines += ["", f"reconstruction ({r['checkpoint']}, {r['frames']} frames): "
-                      f"PSNR {_f(r['psnr'], '.2f')} dB, SSIM {_f(r['ssim'], '.3f')}"]
-        lines += [f"  {kind:<10} {s:<4} Dice {_f(v['dice'], '.3f')}  HD95 {_f(v['hd95_mm'], '.2f')} mm  "
-                  f"({v['frames']} frames)"
-                  for kind, per in r["masks"].items() for s, v in per.items()]
-    if "agreement" in result:
-        a = result["agreement"]
-        lines += ["", f"image-mask agreement ({a['subjects']} subjects, {a['frames']} frames; the VAE's mask head on "
-                      "generated images vs generated masks): "
-                      + ", ".join(f"Dice {k} {_f(v, '.3f')}" for k, v in a["dice"].items())]
-    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Diagnostic: the motion model animating REAL anatomy, to separate its error from the static stage's.
 
-`python tests/motion_on_real.py heldout/ [--weights DIR] [--n 10]` encodes the first N subjects of a
+`python scripts/motion_on_real.py heldout/ [--weights DIR] [--n 10]` encodes the first N subjects of a
 labelled data set with the VAE, runs the motion model on each subject's real ED latent with its
 true systolic priors (as `generate` does: DDIM, guidance, keyframes on the cycle), decodes, and
 prints LVEF / RVEF agreement with the source masks next to the same figures for the VAE's decoding
@@ -16,15 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import weights as shipped  # noqa: E402
-from cine.measures import ejection_fraction, volume_curve  # noqa: E402
-from cine.metrics import pearson  # noqa: E402
-from nets.pipeline import periodic_interpolate  # noqa: E402
-from train.generate import load_models  # noqa: E402
-from train.latents import encode_dataset  # noqa: E402
-from train.ldm import cond_tensors  # noqa: E402
+from synth4d.cine.measures import ejection_fraction, volume_curve
+from synth4d.cine.metrics import pearson
+from synth4d.jobs.encode import encode_dataset
+from synth4d.nets.conditions import cond_tensors
+from synth4d.nets.pipeline import periodic_interpolate
+from synth4d.weights import DIR
+from synth4d.weights.checkpoint import load_chain
 
 
 def efs(labels, spacing) -> tuple:
@@ -37,7 +35,7 @@ def efs(labels, spacing) -> tuple:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path)
-    ap.add_argument("--weights", type=Path, default=shipped.DIR)
+    ap.add_argument("--weights", type=Path, default=DIR)
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=2.0)
@@ -45,8 +43,8 @@ def main():
     ap.add_argument("--cache", type=Path, default=None)
     args = ap.parse_args()
 
-    chain, grid, _, mmeta = load_models(args.weights, "cpu")
-    vocab = list(chain.motion.cfg.dx_vocab)
+    chain = load_chain(args.weights, "cpu")
+    grid = chain.grid
     subjects, _ = encode_dataset(args.data, args.weights / "vae.safetensors", cache=args.cache)
     subjects = [s for s in subjects if "lvef" in s.measures and "rvef" in s.measures][: args.n]
     rows = {"true": [], "vae": [], "motion": []}
@@ -55,11 +53,9 @@ def main():
         order = [(s.ed + k) % s.frames for k in range(s.frames)]
         z_real = torch.from_numpy(s.z[order])                                              # (T, C, X, Y, Z)
         z_ed = z_real[:1]
-        mask = torch.zeros((1, 1) + z_ed.shape[2:])
-        mask[..., : s.n_slices] = 1.0
-        cond = cond_tensors([s.values()], list(mmeta["norm"]), mmeta["norm"], vocab)
+        cond = cond_tensors([s.values()], chain.motion_norm, chain.dx_vocab)
         K = args.keyframes
-        keys = chain.sample_motion(z_ed, mask, cond, [k / K for k in range(K)], torch.Generator().manual_seed(i),
+        keys = chain.sample_motion(z_ed, s.n_slices, cond, [k / K for k in range(K)], torch.Generator().manual_seed(i),
                                    args.steps, args.guidance)                              # (K, C, X, Y, Z)
         z_gen = z_ed + periodic_interpolate(keys - z_ed, [t / s.frames for t in range(s.frames)])
         spacing = (grid.spacing, grid.spacing, s.slice_mm)

@@ -1,4 +1,4 @@
-"""Encode a data set with a trained VAE once, for both latent diffusion stages (cached).
+"""Encode a data set with a trained VAE, once (cached): the latents both diffusion stages train on.
 
 Axis vocabulary: a subject's latents are (T, C, X, Y, Z): cardiac frame, latent channel, the
 in-plane latent grid and the slices. Latents are posterior means times the VAE's measured scale,
@@ -17,10 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cine import DataError
-from cine.prep import default_cache_dir, prepare_dataset
-from train.common import atomic_write, autocast, select_device
-from train.vae import load_vae
+from synth4d.cine import DataError, atomic_write
+from synth4d.cine.prep import default_cache_dir, prepare_dataset
+from synth4d.nets.device import select_device
+from synth4d.nets.pipeline import encode_frames
+from synth4d.weights.checkpoint import load_vae
 
 LATENT_VERSION = 2
 DEFAULT_RR_MS = 1000.0  # cycle length when a data set does not record the frame duration
@@ -74,7 +75,7 @@ def _read_latent(path: Path, frames: int):
 
 
 @torch.no_grad()
-def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", batch=16):
+def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", batch=16) -> tuple[list, dict]:
     """-> (list[LatentSubject], vae meta). Each subject's latent is cached under cache/latents/<VAE>/,
     so adding subjects to a data set encodes only the new ones."""
     dev = select_device(device)
@@ -90,11 +91,7 @@ def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", bat
         z = _read_latent(path, s.image.shape[3])
         if z is None:
             frames = torch.from_numpy(np.ascontiguousarray(np.moveaxis(s.image, 3, 0)))[:, None]  # (T, 1, X, Y, Z)
-            zs = []
-            for chunk in frames.split(batch):
-                with autocast(dev):
-                    zs.append(vae.encode(chunk.to(dev)).mode().float().cpu() * scale)   # (b, C, x, y, Z)
-            z16 = torch.cat(zs).numpy().astype(np.float16)
+            z16 = (encode_frames(vae, frames, dev, batch) * scale).numpy().astype(np.float16)      # (T, C, x, y, Z)
             atomic_write(path, lambda tmp: np.save(tmp, z16))   # tmp keeps the .npy suffix, so np.save adds none
             # Rounded as the cache stores it, so a run reading the cache sees exactly what the first run saw.
             z = z16.astype(np.float32)

@@ -1,6 +1,6 @@
 """Benchmark: generation time by stage, peak memory, training steps/s, FLOP efficiency, paper preset.
 
-Run `python tests/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
+Run `python scripts/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
 asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
 Without --weights, networks are randomly initialised: timing does not depend on the values.
 """
@@ -15,11 +15,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nets.config import get_preset
-from nets.diffusion import make_schedule
-from nets.pipeline import Generator4D
-from nets.unet import UNet
-from nets.vae import VAE
+from synth4d.nets.config import get_preset
+from synth4d.nets.diffusion import make_schedule
+from synth4d.nets.pipeline import Generator4D
+from synth4d.nets.unet import UNet
+from synth4d.nets.vae import VAE
 
 CL = torch.channels_last_3d
 VOCAB = ("DCM", "HCM", "MINF", "NOR", "RV")
@@ -58,8 +58,8 @@ def cond_for(cfg, batch):
 def networks(preset, weights=None):
     p = get_preset(preset)
     if weights:
-        from train.generate import load_models
-        chain, *_ = load_models(weights, "cpu")
+        from synth4d.weights.checkpoint import load_chain
+        chain = load_chain(weights, "cpu")
         return p, chain.vae, chain.static, chain.motion
     static = UNet(dataclasses.replace(p.static, dx_vocab=VOCAB)).eval()
     motion = UNet(dataclasses.replace(p.motion, dx_vocab=VOCAB)).eval()
@@ -76,7 +76,7 @@ def forward_costs(p, vae, static, motion, frames):
         ctx = torch.randn(batch, net.cfg.ctx_ch, X, Y, Z).to(memory_format=CL) if net.cfg.ctx_ch else None
         t = torch.full((batch,), 500)
         cond = cond_for(net.cfg, batch)
-        call = lambda: net(x, t, cond, ctx=ctx, frames=frames if net.cfg.phase else None)  # noqa: E731
+        call = lambda: net(x, t, cond, ctx=ctx)  # noqa: E731
         out[name] = (flops(call), median_time(call, repeats=3), batch)
     if vae is None:
         return out
@@ -102,7 +102,7 @@ def train_steps_per_s(p, vae, static, motion):
             x = torch.randn(batch, C, X, Y, Z).to(memory_format=CL)
             ctx = torch.randn(batch, net.cfg.ctx_ch, X, Y, Z).to(memory_format=CL) if net.cfg.ctx_ch else None
             t, cond = torch.randint(0, 1000, (batch,)), cond_for(net.cfg, batch)
-            loss_fn = lambda: net(x, t, cond, ctx=ctx, frames=4 if net.cfg.phase else None).square().mean()  # noqa: E731
+            loss_fn = lambda: net(x, t, cond, ctx=ctx).square().mean()  # noqa: E731
 
         def step():
             opt.zero_grad()
@@ -130,15 +130,16 @@ def main():
     for net in (vae, static, motion):
         net.to(memory_format=CL)
     C, X, Y, Z = p.latent_shape()
-    chain = Generator4D(vae, static, motion, make_schedule("cosine"), 1.0, 1.0, (X, Y, Z))
-    s_cond, m_cond = cond_for(static.cfg, 1), cond_for(motion.cfg, 1)
-    m_cond.pop("phase", None)
+    norm = lambda cfg: {k: (0.0, 1.0) for k in cfg.scalars}  # noqa: E731  every condition given, at its mean
+    chain = Generator4D(vae, static, motion, make_schedule("cosine"), 1.0, 1.0, (X, Y, Z), norm(static.cfg),
+                        norm(motion.cfg), p.grid, {})
+    values = {"dx": static.cfg.dx_vocab[0], **{k: 0.0 for k in static.cfg.scalars + motion.cfg.scalars}}
     per_subject, stages = [], []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for i in range(args.subjects):
         timings = {}
         t = time.perf_counter()
-        chain.generate(s_cond, m_cond, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=args.steps,
+        chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=args.steps,
                        guidance=2.0, keyframes=args.keyframes, timings=timings)
         per_subject.append(time.perf_counter() - t)
         stages.append(timings)

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-import weights as shipped
-from cine import DataError, UserError
-from cine.measures import ejection_fraction, volume_curve
-from cine.nifti import read, write
-from cine.prep import prepare_image, to_source
-from train.vae import load_vae, reconstruct
+from synth4d.cine import DataError, UserError
+from synth4d.cine.measures import ejection_fraction, volume_curve
+from synth4d.cine.nifti import read, write
+from synth4d.cine.prep import prepare_image, to_source
+from synth4d.nets.pipeline import reconstruct
+from synth4d.weights import DIR
+from synth4d.weights.checkpoint import load_vae
 
 SUFFIXES = (".nii.gz", ".nii")
 DERIVED = re.compile(r"(_gt|_mask|_frame\d+)$")  # masks and single frames beside the cines (ACDC, our outputs)
@@ -54,7 +55,7 @@ def segment(image, out, weights=None, device="cpu", overwrite=False):
     Each dict holds input, mask (the written path), lvedv/lvesv/rvedv/rvesv (mL), lvef/rvef (%),
     ed/es (0-based frames of largest/smallest LV volume) and lv_curve/rv_curve (mL per frame).
     """
-    path = Path(weights) if weights is not None else shipped.DIR / "vae.safetensors"
+    path = Path(weights) if weights is not None else DIR / "vae.safetensors"
     if not path.is_file():
         raise UserError(f"no shipped VAE weights yet ({path}); pass --weights path/to/vae.safetensors")
     plan = _plan(image, out)

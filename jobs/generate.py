@@ -1,0 +1,151 @@
+"""`synth4d generate`: requests -> subjects (jobs.synthesize) -> NIfTI files and a manifest.
+
+Layouts: "flat" writes OUT/synth_NNNN.nii.gz (4D image), OUT/synth_NNNN_mask.nii.gz (4D mask) and
+OUT/manifest.csv, a folder+CSV data set the loader reads; "acdc" writes OUT/patientNNN/ exactly as
+the phantom does. Each subject's files are written atomically, then its manifest row; a rerun
+skips complete subjects, so an interrupted job resumes where it stopped.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from synth4d.cine import DataError, UserError, atomic_write
+from synth4d.cine.measures import MEASURES
+from synth4d.cine.nifti import Geometry, write
+from synth4d.jobs.synthesize import Sampling, Synthetic, load, manifest_row, subject_seed
+
+try:
+    import fcntl           # POSIX: serialises the manifest updates of jobs writing into one folder
+except ImportError:        # elsewhere: one job per output folder
+    fcntl = None
+
+CSV_COLUMNS = ("dx", *MEASURES, "frames")
+
+
+def read_conditions(path) -> list[dict]:
+    """--conditions CSV -> one request dict per row (columns: any of CSV_COLUMNS)."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        unknown = sorted(set(columns) - set(CSV_COLUMNS))
+        if unknown:
+            raise DataError(path, f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(CSV_COLUMNS)}")
+        rows = []
+        for i, raw in enumerate(reader, start=2):
+            row = {}
+            for k, v in raw.items():
+                k, v = k.strip().lower(), (v or "").strip()
+                if not v:
+                    continue
+                if k == "dx":
+                    row[k] = v.upper()
+                    continue
+                try:
+                    row[k] = float(v)
+                except ValueError:
+                    raise DataError(path, f"line {i}: {k} {v!r} is not a number") from None
+            rows.append(row)
+    if not rows:
+        raise DataError(path, "no subject rows")
+    return rows
+
+
+def _requests(n, dx, given, conditions, frames, slices):
+    base = {"dx": dx.upper() if dx else None, **given, "frames": frames, "slices": slices}
+    if conditions is None:
+        return [dict(base) for _ in range(n)]
+    return [{**base, **row} for row in read_conditions(conditions)]
+
+
+def _names(i, layout):
+    if layout == "acdc":
+        sid = f"patient{i + 1:03d}"
+        return sid, Path(sid) / f"{sid}_4d.nii.gz", Path(sid) / f"{sid}_4d_gt.nii.gz"
+    sid = f"synth_{i:04d}"
+    return sid, Path(f"{sid}.nii.gz"), Path(f"{sid}_mask.nii.gz")
+
+
+def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, steps=25, guidance=2.0, seed=0,
+             keyframes=12, weights=None, device="cpu", layout="flat", start=0, overwrite=False, **given):
+    """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
+    out = Path(out)
+    model = load(weights, device)
+    requests = _requests(n, dx, {k: v for k, v in given.items() if v is not None}, conditions, frames, slices)
+    for req in requests:  # every request is checked before any work
+        model.check(req)
+    sampling = Sampling(steps, guidance, keyframes)
+
+    manifest = _read_manifest(out / "manifest.csv")
+    pending = []
+    for k, req in enumerate(requests):
+        i = start + k
+        sid, image_rel, mask_rel = _names(i, layout)
+        done = manifest.get(sid)
+        if done and not overwrite:
+            if int(done["seed"]) != subject_seed(seed, i, int(done["attempts"]) - 1):
+                raise UserError(f"{out / image_rel} was generated with another seed; pass --overwrite or another OUT")
+            files = [out / p for p in done["files"].split(";")]
+            if all(p.exists() for p in files):
+                yield {**done, "files": [str(p) for p in files], "skipped": True}
+                continue
+        if not overwrite and (out / image_rel).exists():
+            raise UserError(f"{out / image_rel} exists and is not in {out / 'manifest.csv'}; pass --overwrite")
+        pending.append((i, req))
+
+    for i, req in tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending):
+        subject = model.subject(req, i, seed, sampling)
+        sid = _names(i, layout)[0]
+        row = {**manifest_row(sid, subject, req, sampling), "files": ";".join(map(str, _write(out, layout, i, subject)))}
+        _write_manifest(out / "manifest.csv", {sid: row})
+        yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
+
+
+def _write(out, layout, i, subject: Synthetic) -> list:
+    """The subject's files, written atomically: image as int16 in 0..1000 (the [-1, 1] model range), masks
+    uint8; with the acdc layout also the ED and ES frames and Info.cfg. Returns the paths relative to out."""
+    sid, image_rel, mask_rel = _names(i, layout)
+    image, labels, geom, es = np.round((subject.image + 1) * 500).astype(np.int16), subject.mask, subject.geometry, subject.es
+    write(out / image_rel, image, geom)
+    write(out / mask_rel, labels, geom, kind="mask")
+    files = [image_rel, mask_rel]
+    if layout == "acdc":
+        frame_geom = Geometry(geom.affine, geom.spacing, None)
+        for t in (0, es):
+            for suffix, data, kind in (("", image[..., t], "image"), ("_gt", labels[..., t], "mask")):
+                rel = Path(sid) / f"{sid}_frame{t + 1:02d}{suffix}.nii.gz"
+                write(out / rel, data, frame_geom, kind=kind)
+                files.append(rel)
+        info = f"ED: 1\nES: {es + 1}\nGroup: {subject.values['dx'] or ''}\nNbFrame: {image.shape[3]}\n"
+        files.append(atomic_write(out / sid / "Info.cfg", lambda tmp: Path(tmp).write_text(info)).relative_to(out))
+    return files
+
+
+def _read_manifest(path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def _write_manifest(path, rows: dict):
+    """Add or replace `rows` in the manifest at `path`, under a lock: jobs generating into one folder
+    (e.g. --start 0 and --start 50 side by side) keep each other's rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(".manifest.lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = {**_read_manifest(path), **rows}
+        buf = io.StringIO()
+        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for sid in sorted(rows):
+            writer.writerow(rows[sid])
+        atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))

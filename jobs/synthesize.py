@@ -1,0 +1,153 @@
+"""One synthetic subject at a time from a ready generation chain: the Python API, and the core of
+`synth4d generate`.
+
+    import synth4d
+    model = synth4d.load()                      # the shipped weights; synth4d.load("runs/w") for yours
+    s = model.generate(dx="HCM", lvedv=170, seed=1)
+    s.image, s.mask, s.affine, s.spacing       # (X, Y, Z, T) float32 and uint8, (4, 4), mm
+
+A request names a diagnosis and any subset of the measures (cine.measures.MEASURES) and the slice
+count; the rest is drawn from the weights' per-diagnosis prior (cine.priors). Subject `index` of a
+run with base `seed` uses its own seed (subject_seed), so it comes out the same alone or in a batch.
+Axis vocabulary: a cine and its mask are (X, Y, Z, T), T frames from ED (frame 0) over one cycle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from synth4d.cine import UserError
+from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve
+from synth4d.cine.nifti import Geometry
+from synth4d.cine.priors import REQUESTABLE, check_request, draw
+from synth4d.nets.pipeline import Generator4D
+from synth4d.weights.checkpoint import load_chain
+
+MAX_ATTEMPTS = 3        # draws of a subject that fails the plausibility check
+MAX_FRAMES = 200
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the chain samples: DDIM steps per model, guidance scale, motion keyframes (0: every frame)."""
+
+    steps: int = 25
+    guidance: float = 2.0
+    keyframes: int = 12
+
+
+@dataclass
+class Synthetic:
+    """A generated subject: a 4D image and mask with their geometry, what was asked and what came out."""
+
+    image: np.ndarray           # (X, Y, Z, T) float32 in [-1, 1]; files store round((image + 1) * 500) as int16
+    mask: np.ndarray            # (X, Y, Z, T) uint8: 0 background, 1 RV, 2 MYO, 3 LV
+    geometry: Geometry          # axis-aligned affine (mm), spacing (mm), frame duration (ms)
+    values: dict                # the completed request: dx, every measure, slices, slice_mm, rr_ms
+    measured: dict = field(default_factory=dict)   # measures of the mask: ED = frame 0, ES = smallest LV
+    es: int = 0
+    seed: int = 0
+    attempts: int = 1
+    plausible: str = "yes"      # or why the last of MAX_ATTEMPTS draws still failed the check
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.geometry.affine
+
+    @property
+    def spacing(self) -> tuple:
+        return self.geometry.spacing
+
+
+def subject_seed(base: int, index: int, attempt: int = 0) -> int:
+    """The seed of subject `index`'s `attempt`-th draw in a run with seed `base`."""
+    return int(np.random.SeedSequence([base & 0xFFFFFFFF, index, attempt]).generate_state(1)[0])
+
+
+def plausible(labels, measured) -> str:
+    """'' when the ED frame has LV, MYO and RV on contiguous slices and volumes are not absurd, else why not."""
+    ed = labels[..., 0]
+    for label, name in ((3, "LV"), (2, "MYO"), (1, "RV")):
+        slices = np.flatnonzero((ed == label).any(axis=(0, 1)))
+        if len(slices) == 0:
+            return f"no {name}"
+        if slices[-1] - slices[0] + 1 != len(slices):
+            return f"{name} not contiguous across slices"
+    if not (10 <= measured["lvedv"] <= 600 and 10 <= measured["rvedv"] <= 600 and 20 <= measured["lv_mass"] <= 500):
+        return "volumes out of range"
+    if not (0 < measured["lvef"] < 95):
+        return "LVEF out of range"
+    return ""
+
+
+class Synthesizer:
+    """Generates subjects from a Generator4D (weights.checkpoint.load_chain gives one)."""
+
+    def __init__(self, chain: Generator4D):
+        self.chain = chain
+
+    @property
+    def dx_vocab(self) -> list:
+        return self.chain.dx_vocab
+
+    def check(self, request: dict) -> None:
+        """Refuse an impossible request (UserError) before any work."""
+        check_request(request, self.dx_vocab)
+        slices, frames = request.get("slices"), request.get("frames")
+        if slices is not None and not 1 <= slices <= self.chain.grid.slices:
+            raise UserError(f"slices must be between 1 and {self.chain.grid.slices} for these weights, got {slices:g}")
+        if frames is not None and not 2 <= int(frames) <= MAX_FRAMES:
+            raise UserError(f"frames must be between 2 and {MAX_FRAMES}, got {frames}")
+
+    def subject(self, request: dict, index: int = 0, seed: int = 0, sampling: Sampling = Sampling()) -> Synthetic:
+        """Subject `index` of a run with base `seed`: drawn, generated, measured and checked for plausibility,
+        drawn again (a new seed) up to MAX_ATTEMPTS times while the check fails."""
+        T = int(request.get("frames") or 30)
+        for attempt in range(MAX_ATTEMPTS):
+            s = subject_seed(seed, index, attempt)
+            values = draw(self.chain.priors, request, np.random.default_rng(s))
+            image, labels = self.chain.generate(values, values["slices"], [t / T for t in range(T)], s,
+                                                sampling.steps, sampling.guidance, sampling.keyframes)
+            image, labels = image[..., :values["slices"], :].numpy(), labels[..., :values["slices"], :].numpy()
+            spacing = (self.chain.grid.spacing, self.chain.grid.spacing, values["slice_mm"])
+            es = int(np.argmin(volume_curve(labels, spacing)["lv"]))
+            measured = clinical_measures(labels[..., 0], labels[..., es], spacing)
+            why = plausible(labels, measured)
+            if not why:
+                break
+        geometry = Geometry.from_spacing(spacing, frame_ms=values["rr_ms"] / T)
+        return Synthetic(image, labels, geometry, values, measured, es, s, attempt + 1, why or "yes")
+
+    def generate(self, dx=None, seed: int = 0, index: int = 0, frames: int = 30, slices=None,
+                 sampling: Sampling = Sampling(), **measures) -> Synthetic:
+        """One subject with diagnosis `dx` and any of the measures (lvedv=..., lvef=..., see
+        cine.measures.MEASURES) given; what is not given is drawn from the prior."""
+        unknown = sorted(set(measures) - set(MEASURES))
+        if unknown:
+            raise UserError(f"unknown condition(s) {', '.join(unknown)}; known: {', '.join(REQUESTABLE)}")
+        request = {"dx": dx.upper() if dx else None, **{k: v for k, v in measures.items() if v is not None},
+                   "frames": frames, "slices": slices}
+        self.check(request)
+        return self.subject(request, index, seed, sampling)
+
+
+def load(weights=None, device: str = "cpu") -> Synthesizer:
+    """A Synthesizer on the weights in folder `weights` (vae/static/motion .safetensors), else the shipped ones."""
+    return Synthesizer(load_chain(weights, device))
+
+
+def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling) -> dict:
+    """The manifest columns of one subject (generate's manifest.csv and --json): requested, given, measured."""
+    v = subject.values
+    row = {"id": sid, "seed": subject.seed, "attempts": subject.attempts, "plausible": subject.plausible,
+           "dx": v["dx"] or "", "ed": 0, "es": subject.es, "frames": subject.image.shape[3], "slices": v["slices"],
+           "slice_mm": round(v["slice_mm"], 3), "steps": sampling.steps, "guidance": sampling.guidance,
+           "keyframes": sampling.keyframes}
+    for k in MEASURES:
+        m = float(subject.measured[k])
+        row[f"requested_{k}"] = round(v[k], 3)
+        row[f"given_{k}"] = int(request.get(k) is not None)
+        row[f"measured_{k}"] = round(m, 3) if math.isfinite(m) else ""
+    return row
