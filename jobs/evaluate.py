@@ -30,7 +30,7 @@ from synth4d.jobs.fvd import fvd_report
 from synth4d.jobs.report import clean
 from synth4d.nets.config import GridConfig
 from synth4d.nets.device import select_device
-from synth4d.nets.pipeline import reconstruct
+from synth4d.nets.pipeline import reconstruct, reconstruct_frames
 from synth4d.weights import DIR
 from synth4d.weights.checkpoint import load_vae
 
@@ -228,21 +228,14 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
     per = {kind: {c: {"dice": [], "hd95": []} for c in STRUCTURES} for kind in ("labelled", "unlabelled")}
     for s in real_ds.load_each("reconstruction"):
         p = prepare_subject(s, grid)
-        n = p.n_slices
-        image, prob = reconstruct(model, p.image, device)
-        pred = prob.argmax(axis=0).astype(np.uint8)                       # (X, Y, Z, T)
-        for t in range(p.image.shape[3]):
-            psnrs.append(psnr(image[:, :, :n, t], p.image[:, :, :n, t], data_range=2.0))
-            ssims.append(ssim(image[:, :, :n, t], p.image[:, :, :n, t], data_range=2.0))
-            if t in p.masks:
-                truth, kind = p.masks[t], "labelled"
-            elif p.full_mask is not None:
-                truth, kind = p.full_mask[..., t], "unlabelled"
-            else:
+        for t, image, pred, truth, kind in reconstruct_frames(model, p, device):
+            psnrs.append(psnr(image, p.image[:, :, :p.n_slices, t], data_range=2.0))
+            ssims.append(ssim(image, p.image[:, :, :p.n_slices, t], data_range=2.0))
+            if kind is None:
                 continue
-            for c, d in dice(pred[:, :, :n, t], truth[:, :, :n], labels=STRUCTURES).items():
+            for c, d in dice(pred, truth, labels=STRUCTURES).items():
                 per[kind][c]["dice"].append(d)
-                per[kind][c]["hd95"].append(hd95(pred[:, :, :n, t] == c, truth[:, :, :n] == c, p.spacing))
+                per[kind][c]["hd95"].append(hd95(pred == c, truth == c, p.spacing))
     # HD95 is undefined (inf) where one of the two masks lacks the structure: counted, left out of the mean.
     masks = {kind: {LABELS[c]: {"dice": _mean(v["dice"]), "hd95_mm": _mean(v["hd95"]), "frames": len(v["dice"]),
                                 "hd95_undefined": int(np.sum(~np.isfinite(v["hd95"])))}

@@ -163,3 +163,21 @@ def reconstruct(vae: VAE, image4d: np.ndarray, device, batch: int = 8):
     image = torch.cat(images).permute(1, 2, 3, 0).numpy()                                   # (X, Y, Z, T)
     prob = torch.cat(probs).permute(1, 2, 3, 4, 0).numpy()                                  # (C, X, Y, Z, T)
     return image, prob
+
+
+def reconstruct_frames(vae: VAE, prepared, device, frames=None):
+    """A prepared subject (cine.prep.Prepared) through the VAE, frame by frame (default: every frame), real
+    slices only -> per frame (t, image (X, Y, n), predicted labels (X, Y, n), true labels (X, Y, n) or None,
+    "labelled" for a frame with a training label, "unlabelled" for one with only a full-cycle truth, or None)."""
+    frames = list(range(prepared.image.shape[3])) if frames is None else list(frames)
+    n = prepared.n_slices
+    image, prob = reconstruct(vae, prepared.image[..., frames], device)
+    pred = prob.argmax(axis=0).astype(np.uint8)                                             # (X, Y, Z, len(frames))
+    for i, t in enumerate(frames):
+        if t in prepared.masks:
+            truth, kind = prepared.masks[t][:, :, :n], "labelled"
+        elif prepared.full_mask is not None:
+            truth, kind = prepared.full_mask[:, :, :n, t], "unlabelled"
+        else:
+            truth, kind = None, None
+        yield t, image[:, :, :n, i], pred[:, :, :n, i], truth, kind

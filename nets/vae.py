@@ -44,6 +44,18 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3, 4))
 
 
+def _levels(ch: int, widths, blocks: int, resample) -> tuple[list, int]:
+    """cfg.blocks ResBlocks per level of `widths`, with `resample` (in-plane x2) between levels -> (layers, channels)."""
+    layers = []
+    for i, width in enumerate(widths):
+        for _ in range(blocks):
+            layers.append(ResBlock(ch, width))
+            ch = width
+        if i < len(widths) - 1:
+            layers.append(resample(ch, (2, 2, 1)))
+    return layers, ch
+
+
 class Encoder(nn.Module):
     """Frame (B, 1, X, Y, Z) -> posterior moments (B, 2 * latent_ch, X / f, Y / f, Z)."""
 
@@ -51,13 +63,7 @@ class Encoder(nn.Module):
         super().__init__()
         w = cfg.widths
         self.conv_in = nn.Conv3d(1, w[0], 3, padding=1)
-        layers, ch = [], w[0]
-        for i, width in enumerate(w):
-            for _ in range(cfg.blocks):
-                layers.append(ResBlock(ch, width))
-                ch = width
-            if i < len(w) - 1:
-                layers.append(Downsample(ch, (2, 2, 1)))
+        layers, ch = _levels(w[0], w, cfg.blocks, Downsample)
         # No self-attention: at the lowest level the cpu grid still has 16 x 16 x 12 positions,
         # where attention costs more than the whole encoder; one more block mixes context instead.
         layers.append(ResBlock(ch, ch))
@@ -76,14 +82,9 @@ class Decoder(nn.Module):
         w = cfg.widths[::-1]
         ch = w[0]
         self.conv_in = nn.Conv3d(cfg.latent_ch, ch, 3, padding=1)
-        layers = [ResBlock(ch, ch)]
-        for i, width in enumerate(w):
-            for _ in range(cfg.blocks):
-                layers.append(ResBlock(ch, width))
-                ch = width
-            if i < len(w) - 1:
-                layers.append(Upsample(ch, (2, 2, 1)))
-        self.body = nn.Sequential(*layers)
+        first = ResBlock(ch, ch)
+        layers, ch = _levels(ch, w, cfg.blocks, Upsample)
+        self.body = nn.Sequential(first, *layers)
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv3d(ch, out_ch, 3, padding=1)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from synth4d.cine import LABELS, UserError, atomic_write
 from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
-from synth4d.nets.pipeline import encode_frames, reconstruct
+from synth4d.nets.pipeline import encode_frames, reconstruct_frames
 from synth4d.nets.vae import VAE
 from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, read_split, resumed_settings,
                                   save_state, update_ema, write_split)
@@ -187,21 +187,14 @@ def evaluate_vae(model, subjects, device) -> dict:
     psnrs, ssims = [], []
     dices = {"labelled": {c: [] for c in STRUCTURES}, "unlabelled": {c: [] for c in STRUCTURES}}
     for subj in subjects:
-        n, n_t = subj.n_slices, subj.image.shape[3]
+        n_t = subj.image.shape[3]
         ts = sorted(set(subj.masks) | set(np.linspace(0, n_t - 1, min(EVAL_FRAMES, n_t)).round().astype(int).tolist()))
-        recon, prob = reconstruct(model, subj.image[..., ts], device)
-        pred = prob.argmax(axis=0).astype(np.uint8)                                         # (X, Y, Z, len(ts))
-        for i, t in enumerate(ts):
-            psnrs.append(psnr(recon[:, :, :n, i], subj.image[:, :, :n, t], data_range=2.0))
-            ssims.append(ssim(recon[:, :, :n, i], subj.image[:, :, :n, t], data_range=2.0))
-            if t in subj.masks:
-                truth, kind = subj.masks[t], "labelled"
-            elif subj.full_mask is not None:
-                truth, kind = subj.full_mask[..., t], "unlabelled"
-            else:
-                continue
-            for c, d in dice(pred[:, :, :n, i], truth[:, :, :n], labels=STRUCTURES).items():
-                dices[kind][c].append(d)
+        for t, recon, pred, truth, kind in reconstruct_frames(model, subj, device, ts):
+            psnrs.append(psnr(recon, subj.image[:, :, :subj.n_slices, t], data_range=2.0))
+            ssims.append(ssim(recon, subj.image[:, :, :subj.n_slices, t], data_range=2.0))
+            if kind is not None:
+                for c, d in dice(pred, truth, labels=STRUCTURES).items():
+                    dices[kind][c].append(d)
     model.train(was_training)
     figures = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
     for kind, per in dices.items():
