@@ -4,7 +4,7 @@
 labelled data set with the VAE, runs the motion model on each subject's real ED latent with its
 true systolic priors (as `generate` does: DDIM, guidance, keyframes on the cycle), decodes, and
 prints LVEF / RVEF agreement with the source masks next to the same figures for the VAE's decoding
-of the subject's real latents. It asserts nothing (see weights/README.md for measured figures).
+of the subject's real latents. It asserts nothing (see weights/EXPERIMENTS.md for measured figures).
 Axis vocabulary: latents (T, C, X, Y, Z) with T frames in cycle order from ED.
 """
 from __future__ import annotations

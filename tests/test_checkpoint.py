@@ -76,3 +76,42 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             select_device("cuda")
+
+
+def test_load_chain_from_a_run_folder(tiny_weights, tmp_path):
+    """One call gives a ready chain with its grid and priors; missing files and mismatched grids are one-line errors."""
+    import shutil
+
+    from synth4d.weights.checkpoint import load_chain
+    chain = load_chain(tiny_weights)
+    assert chain.grid == get_preset("tiny").grid and chain.dx_vocab == ["DCM", "HCM", "MINF", "NOR", "RV"]
+    assert set(chain.static_norm) == set(chain.static.cfg.scalars) and "dx" in chain.priors
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_weights / "vae.safetensors", partial)
+    with pytest.raises(UserError, match="no static.safetensors, motion.safetensors in"):
+        load_chain(partial)
+    for stage in ("static", "motion"):
+        shutil.copy(tiny_weights / f"{stage}.safetensors", partial)
+    state, config, meta = read_checkpoint(tiny_weights / "vae.safetensors")
+    cfg = config_from_dict(type(get_preset("tiny").vae), config)
+    save_checkpoint(partial / "vae.safetensors", state, "vae", cfg, {**meta, "grid": {"spacing": 3.0, "size": 24,
+                                                                                      "slices": 12}})
+    with pytest.raises(DataError, match="different grids"):
+        load_chain(partial)
+
+
+def test_denoiser_configs_of_removed_options(tiny_weights, tmp_path):
+    """Checkpoints written with the temporal flag off still load; one trained with the layer is refused by name."""
+    from synth4d.nets.config import UNetConfig
+    from synth4d.weights.checkpoint import load_denoiser
+    state, config, meta = read_checkpoint(tiny_weights / "motion.safetensors")
+    cfg = config_from_dict(UNetConfig, config)
+    for flag in (False, True):  # the config as versions with the layer wrote it
+        save_file(state, str(tmp_path / f"motion_{flag}.safetensors"),
+                  metadata={"format": "synth4d", "stage": "motion", "format_version": "1",
+                            "config": json.dumps({**config, "temporal": flag}), **{k: json.dumps(v) for k, v in meta.items()}})
+    model, _ = load_denoiser(tmp_path / "motion_False.safetensors", "motion")
+    assert model.cfg == cfg
+    with pytest.raises(DataError, match="temporal attention layer, which synth4d no longer has"):
+        load_denoiser(tmp_path / "motion_True.safetensors", "motion")
