@@ -18,7 +18,7 @@ from tqdm import tqdm
 from synth4d.cine import DataError, UserError, atomic_write
 from synth4d.cine.measures import MEASURES
 from synth4d.cine.nifti import Geometry, write
-from synth4d.jobs.synthesize import Sampling, Synthetic, load, manifest_row, subject_seed
+from synth4d.jobs.synthesize import DEFAULT_SAMPLER, Sampling, Synthetic, load, manifest_row, subject_seed
 
 try:
     import fcntl           # POSIX: serialises the manifest updates of jobs writing into one folder
@@ -72,15 +72,16 @@ def _names(i, layout):
     return sid, Path(f"{sid}.nii.gz"), Path(f"{sid}_mask.nii.gz")
 
 
-def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, steps=25, guidance=2.0, seed=0,
-             keyframes=12, weights=None, device="cpu", layout="flat", start=0, overwrite=False, **given):
+def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
+             guidance=2.0, seed=0, keyframes=12, weights=None, device="cpu", layout="flat", start=0, overwrite=False,
+             **given):
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)
     model = load(weights, device)
     requests = _requests(n, dx, {k: v for k, v in given.items() if v is not None}, conditions, frames, slices)
     for req in requests:  # every request is checked before any work
         model.check(req)
-    sampling = Sampling(steps, guidance, keyframes)
+    sampling = Sampling(sampler, steps, guidance, keyframes)
 
     manifest = _read_manifest(out / "manifest.csv")
     pending = []

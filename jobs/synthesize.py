@@ -22,6 +22,7 @@ from synth4d.cine import UserError
 from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve
 from synth4d.cine.nifti import Geometry
 from synth4d.cine.priors import REQUESTABLE, check_request, draw
+from synth4d.nets.diffusion import SAMPLERS
 from synth4d.nets.pipeline import Generator4D
 from synth4d.weights.checkpoint import load_chain
 
@@ -29,13 +30,27 @@ MAX_ATTEMPTS = 3        # draws of a subject that fails the plausibility check
 MAX_FRAMES = 200
 
 
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = {"ddim": 25, "dpmpp_2m": 15}   # per sampler, when steps are not given
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How the chain samples: DDIM steps per model, guidance scale, motion keyframes (0: every frame)."""
+    """How the chain samples: the sampler (nets.diffusion.SAMPLERS), its steps per model (None: the sampler's
+    default), the guidance scale and the motion keyframes (0: every frame)."""
 
-    steps: int = 25
+    sampler: str = DEFAULT_SAMPLER
+    steps: int | None = None
     guidance: float = 2.0
     keyframes: int = 12
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise UserError(f"guidance must be a finite number >= 0, got {self.guidance}")
 
 
 @dataclass
@@ -108,8 +123,8 @@ class Synthesizer:
         for attempt in range(MAX_ATTEMPTS):
             s = subject_seed(seed, index, attempt)
             values = draw(self.chain.priors, request, np.random.default_rng(s))
-            image, labels = self.chain.generate(values, values["slices"], [t / T for t in range(T)], s,
-                                                sampling.steps, sampling.guidance, sampling.keyframes)
+            image, labels = self.chain.generate(values, values["slices"], [t / T for t in range(T)], s, sampling.steps,
+                                                sampling.guidance, sampling.keyframes, sampler=sampling.sampler)
             image, labels = image[..., :values["slices"], :].numpy(), labels[..., :values["slices"], :].numpy()
             spacing = (self.chain.grid.spacing, self.chain.grid.spacing, values["slice_mm"])
             es = int(np.argmin(volume_curve(labels, spacing)["lv"]))
@@ -143,7 +158,8 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
     v = subject.values
     row = {"id": sid, "seed": subject.seed, "attempts": subject.attempts, "plausible": subject.plausible,
            "dx": v["dx"] or "", "ed": 0, "es": subject.es, "frames": subject.image.shape[3], "slices": v["slices"],
-           "slice_mm": round(v["slice_mm"], 3), "steps": sampling.steps, "guidance": sampling.guidance,
+           "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
+           "guidance": sampling.guidance,
            "keyframes": sampling.keyframes}
     for k in MEASURES:
         m = float(subject.measured[k])

@@ -1,4 +1,5 @@
-"""The noise schedule, forward noising, the training loss and the DDIM sampler with classifier-free guidance.
+"""The noise schedule, forward noising, the training loss and the samplers (DDIM, DPM-Solver++(2M)) with
+classifier-free guidance.
 
 Axis vocabulary: tensors are (B, C, X, Y, Z) (any trailing shape works); t is (B,) long, an index
 into the schedule, 0 the least noisy. Names follow the papers: betas, alphas_cumprod, x_t, x0_pred,
@@ -12,6 +13,8 @@ References:
     CFG    Ho & Salimans 2022, "Classifier-Free Diffusion Guidance"
     minSNR Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy"
     steps  Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed"
+    DPM++  Lu, Zhou, Bao, Chen, Li & Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+           Probabilistic Models" (arXiv 2211.01095)
 """
 from __future__ import annotations
 
@@ -110,6 +113,16 @@ def _cat_cond(cond, uncond):
     return torch.cat([cond, uncond])
 
 
+def _guided(model_fn, x, t, guidance, cond, uncond):
+    """The network output at (x, t), with classifier-free guidance when guidance != 1 (one batched forward)."""
+    if guidance == 1.0:
+        return model_fn(x, t, cond)
+    if uncond is None:
+        raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
+    out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
+    return out_uncond + guidance * (out_cond - out_uncond)  # Ho & Salimans Eq. 6 (w + 1 = guidance)
+
+
 @torch.no_grad()
 def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, guidance: float = 1.0,
                 cond=None, uncond=None, pred: str = "v") -> torch.Tensor:
@@ -126,13 +139,52 @@ def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, g
     B = x.shape[0]
     for i, step in enumerate(timesteps):
         t = torch.full((B,), step, dtype=torch.long, device=x.device)
-        if guidance == 1.0:
-            out = model_fn(x, t, cond)
-        else:
-            out_cond, out_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
-            out = out_uncond + guidance * (out_cond - out_uncond)  # Ho & Salimans Eq. 6 (w + 1 = guidance)
-        x0_pred, eps = pred_to_x0_eps(x, t, out, sched, pred)
+        x0_pred, eps = pred_to_x0_eps(x, t, _guided(model_fn, x, t, guidance, cond, uncond), sched, pred)
         abar_prev = float(sched.alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         dir_x_t = math.sqrt(max(1 - abar_prev, 0.0)) * eps   # DDIM Eq. 12, "direction pointing to x_t" (sigma = 0)
         x = math.sqrt(abar_prev) * x0_pred + dir_x_t          # DDIM Eq. 12
     return x
+
+
+def half_log_snr(abar: float) -> float:
+    """lambda_t = log(alpha_t / sigma_t) with alpha_t^2 = abar_t, sigma_t^2 = 1 - abar_t (DPM-Solver's lambda)."""
+    return 0.5 * (math.log(abar) - math.log1p(-abar))
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 15, guidance: float = 1.0,
+                    cond=None, uncond=None, pred: str = "v") -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): a second-order multistep solver of the probability-flow
+    ODE in the data-prediction parameterisation, for guided sampling in few steps.
+
+    Same signature, timesteps (trailing, ddim_timesteps) and guidance as ddim_sample. Each step turns the
+    guided output into x0_pred; the first step is first order (it equals a DDIM step), the others combine the
+    last two x0 predictions, and the last step lands on the clean sample (sigma = 0), where the update is
+    x0_pred itself.
+    """
+    if guidance != 1.0 and uncond is None:
+        raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
+    timesteps = ddim_timesteps(sched, steps)
+    x = x_T
+    B = x.shape[0]
+    x0_last, h_last = None, None
+    for i, step in enumerate(timesteps):
+        t = torch.full((B,), step, dtype=torch.long, device=x.device)
+        x0_pred, _ = pred_to_x0_eps(x, t, _guided(model_fn, x, t, guidance, cond, uncond), sched, pred)
+        if i + 1 == len(timesteps):
+            return x0_pred                                   # Eq. (9) with sigma_next = 0, alpha_next = 1
+        abar_t, abar_next = float(sched.alphas_cumprod[step]), float(sched.alphas_cumprod[timesteps[i + 1]])
+        h = half_log_snr(abar_next) - half_log_snr(abar_t)  # Algorithm 2: h_i = lambda_{t_i} - lambda_{t_{i-1}}
+        if x0_last is None:
+            d = x0_pred                                      # Algorithm 2, first step: first order
+        else:
+            r = h_last / h                                   # Algorithm 2: r_i = h_{i-1} / h_i
+            d = (1 + 1 / (2 * r)) * x0_pred - 1 / (2 * r) * x0_last   # Algorithm 2: D_i
+        sigma_ratio = math.sqrt((1 - abar_next) / (1 - abar_t))
+        # Algorithm 2: x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+        x = sigma_ratio * x - math.sqrt(abar_next) * math.expm1(-h) * d
+        x0_last, h_last = x0_pred, h
+    return x
+
+
+SAMPLERS = {"ddim": ddim_sample, "dpmpp_2m": dpmpp_2m_sample}

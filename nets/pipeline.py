@@ -4,7 +4,7 @@ decoding) and reconstruction (a cine through the VAE: image and class probabilit
 Axis vocabulary: latents (B, C, X, Y, Z); a cine is (X, Y, Z, T), a generated one with T cardiac frames
 at phases 0, 1/T, ... (ED = phase 0); class probabilities (C, X, Y, Z, T). Generation runs one subject
 at a time, from its own torch.Generator, so a subject comes out the same alone or in a batch. All
-frames of a subject share their initial motion noise (and DDIM is deterministic), so frames differ
+frames of a subject share their initial motion noise (and both samplers are deterministic), so frames differ
 only through their phase.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from synth4d.nets.config import GridConfig
 from synth4d.nets.conditions import cond_tensors, motion_context, null_conditions
 from synth4d.nets.device import autocast
-from synth4d.nets.diffusion import Schedule, ddim_sample
+from synth4d.nets.diffusion import SAMPLERS, Schedule
 from synth4d.nets.unet import UNet
 from synth4d.nets.vae import VAE
 
@@ -64,15 +64,15 @@ class Generator4D:
         return list(self.static.cfg.dx_vocab)
 
     @torch.no_grad()
-    def sample_static(self, cond, generator, steps, guidance) -> torch.Tensor:
+    def sample_static(self, cond, generator, steps, guidance, sampler="ddim") -> torch.Tensor:
         """cond (batch 1) -> the ED latent (1, C, X, Y, Z)."""
         shape = (1, self.static.cfg.in_ch) + self.latent_size
         x_T = torch.randn(shape, generator=generator).to(self.device)
-        return ddim_sample(lambda x, t, c: self.static(x, t, c), x_T, self.sched, steps=steps, guidance=guidance,
+        return SAMPLERS[sampler](lambda x, t, c: self.static(x, t, c), x_T, self.sched, steps=steps, guidance=guidance,
                            cond=cond, uncond=null_conditions(cond, self.static.cond_embed.null_dx), pred=self.pred)
 
     @torch.no_grad()
-    def sample_motion(self, z_ed, n_slices, cond, phases, generator, steps, guidance) -> torch.Tensor:
+    def sample_motion(self, z_ed, n_slices, cond, phases, generator, steps, guidance, sampler="ddim") -> torch.Tensor:
         """z_ED (1, C, X, Y, Z), its real slice count, cond (batch 1), phases (T,) -> latents (T, C, X, Y, Z).
 
         The residual at phase 0 (ED) is zero by construction, and each frame's DDIM path is its own,
@@ -92,7 +92,7 @@ class Generator4D:
                 reps = x.shape[0] // n  # 2 when guidance batches cond and uncond together
                 return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1))
 
-            residual[todo] = ddim_sample(model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=sub,
+            residual[todo] = SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=sub,
                                          uncond=null_conditions(sub, self.motion.cond_embed.null_dx), pred=self.pred)
         residual[phases == 0] = 0
         return z_ed + residual / self.residual_scale
@@ -112,25 +112,26 @@ class Generator4D:
         return next(self.static.parameters()).device
 
     def generate(self, values: dict, n_slices, phases, seed, steps=25, guidance=2.0,
-                 keyframes=0, timings=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 keyframes=0, timings=None, sampler="ddim") -> tuple[torch.Tensor, torch.Tensor]:
         """One subject: condition values (dx and scalars, see nets.conditions) -> image, labels (X, Y, Z, T).
 
         keyframes > 0 and fewer than the phases asked for: the motion model samples that many evenly
         spaced phases and the residual latents of the others are interpolated along the cycle
-        (periodic_interpolate), which divides the motion cost by T / keyframes.
+        (periodic_interpolate), which divides the motion cost by T / keyframes. sampler: a name in
+        nets.diffusion.SAMPLERS, with `steps` network evaluations (times two with guidance) per model.
         """
         static_cond, motion_cond = ({k: v.to(self.device) for k, v in cond_tensors([values], norm, self.dx_vocab).items()}
                                     for norm in (self.static_norm, self.motion_norm))
         generator = torch.Generator().manual_seed(int(seed))
         clock = time.perf_counter()
-        z_ed = self.sample_static(static_cond, generator, steps, guidance)
+        z_ed = self.sample_static(static_cond, generator, steps, guidance, sampler)
         t1 = time.perf_counter()
         if 0 < keyframes < len(phases):
             keys = self.sample_motion(z_ed, n_slices, motion_cond, [k / keyframes for k in range(keyframes)],
-                                      generator, steps, guidance)                          # (K, C, X, Y, Z)
+                                      generator, steps, guidance, sampler)                 # (K, C, X, Y, Z)
             z = z_ed + periodic_interpolate(keys - z_ed, phases)                          # (T, C, X, Y, Z)
         else:
-            z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, steps, guidance)
+            z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, steps, guidance, sampler)
         t2 = time.perf_counter()
         image, labels = self.decode(z)
         if timings is not None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from synth4d.nets.diffusion import (ddim_sample, ddim_timesteps, diffusion_loss, make_schedule, min_snr_v_weight,
-                                    pred_to_x0_eps, q_sample, timestep_buckets, v_target)
+from synth4d.nets.diffusion import (ddim_sample, ddim_timesteps, diffusion_loss, dpmpp_2m_sample, make_schedule,
+                                    min_snr_v_weight, pred_to_x0_eps, q_sample, timestep_buckets, v_target)
 
 
 def cosine_abar(t, T=1000):
@@ -104,7 +104,8 @@ def test_ddim_is_deterministic():
     assert torch.equal(run(), run())
 
 
-def test_guidance():
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp_2m_sample], ids=["ddim", "dpmpp_2m"])
+def test_guidance(sampler):
     sched = make_schedule("cosine")
     g = torch.Generator().manual_seed(0)
     x_T, cond, uncond = torch.randn(4, 3, generator=g), conds(4, g), conds(4, g)
@@ -114,19 +115,19 @@ def test_guidance():
         batches.append(x.shape[0])
         return toy_model(x, t, c)
 
-    plain = ddim_sample(toy_model, x_T, sched, steps=8, cond=cond)
-    assert torch.equal(ddim_sample(counting, x_T, sched, steps=8, guidance=1.0, cond=cond, uncond=uncond), plain)
+    plain = sampler(toy_model, x_T, sched, steps=8, cond=cond)
+    assert torch.equal(sampler(counting, x_T, sched, steps=8, guidance=1.0, cond=cond, uncond=uncond), plain)
     assert batches == [4] * 8
     batches.clear()
-    guided = ddim_sample(counting, x_T, sched, steps=8, guidance=3.0, cond=cond, uncond=uncond)
+    guided = sampler(counting, x_T, sched, steps=8, guidance=3.0, cond=cond, uncond=uncond)
     assert batches == [8] * 8
     def by_hand(x, t, _):
         return toy_model(x, t, uncond) + 3.0 * (toy_model(x, t, cond) - toy_model(x, t, uncond))
 
-    torch.testing.assert_close(guided, ddim_sample(by_hand, x_T, sched, steps=8))
+    torch.testing.assert_close(guided, sampler(by_hand, x_T, sched, steps=8))
     assert not torch.allclose(guided, plain)
     with pytest.raises(ValueError, match="uncond"):
-        ddim_sample(toy_model, x_T, sched, guidance=2.0, cond=cond)
+        sampler(toy_model, x_T, sched, guidance=2.0, cond=cond)
 
 
 MU = torch.tensor([1.0, -2.0, 0.5])
@@ -162,3 +163,34 @@ def test_ddim_with_the_optimal_denoiser_recovers_gaussian_data(pred):
     # ...and the sampler reading the output in the other parameterisation.
     wrong_pred = "v" if pred == "eps" else "eps"
     assert not matches_data(ddim_sample(gaussian_denoiser(MU, STD, sched, pred), x_T, sched, steps=50, pred=wrong_pred))
+
+
+def exact_ode_solution(x_T, sched):
+    """Where the probability-flow ODE takes x_T (at t = T - 1) for Gaussian data N(MU, STD^2) per dimension: its
+    marginals are N(alpha_t MU, alpha_t^2 STD^2 + sigma_t^2) and the flow keeps each sample's standardised value."""
+    abar = float(sched.alphas_cumprod[-1])
+    z = (x_T - math.sqrt(abar) * MU.double()) / torch.sqrt(abar * STD.double() ** 2 + 1 - abar)
+    return MU.double() + STD.double() * z
+
+
+@pytest.mark.parametrize("pred", ["eps", "v"])
+def test_dpmpp_2m_solves_the_probability_flow_ode_to_second_order(pred):
+    """Against the exact solution: DPM-Solver++(2M) in 15 steps is closer than DDIM in 25, and doubling its steps
+    cuts its error about four times (second order), where DDIM's only halves (first order)."""
+    sched = make_schedule("cosine")
+    x_T = torch.randn(4000, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact, model = exact_ode_solution(x_T, sched), gaussian_denoiser(MU.double(), STD.double(), sched, pred)
+    err = {(name, n): (f(model, x_T, sched, steps=n, pred=pred) - exact).abs().mean().item()
+           for name, f in (("ddim", ddim_sample), ("dpm", dpmpp_2m_sample)) for n in (15, 25, 50)}
+    assert err["dpm", 15] < err["ddim", 25] and err["dpm", 25] < 0.5 * err["ddim", 25]
+    assert err["dpm", 50] / err["dpm", 25] < 0.35 and err["ddim", 50] / err["ddim", 25] > 0.4
+    assert err["dpm", 50] < 0.01
+
+
+def test_dpmpp_2m_starts_with_a_ddim_step():
+    """Its first step is first order, which is DDIM's update; with two steps the two samplers agree."""
+    sched = make_schedule("cosine")
+    x_T = torch.randn(50, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    model = gaussian_denoiser(MU.double(), STD.double(), sched, "v")
+    torch.testing.assert_close(dpmpp_2m_sample(model, x_T, sched, steps=2), ddim_sample(model, x_T, sched, steps=2))
+    assert not torch.allclose(dpmpp_2m_sample(model, x_T, sched, steps=3), ddim_sample(model, x_T, sched, steps=3))

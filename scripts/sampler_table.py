@@ -1,0 +1,90 @@
+"""Quality against sampler steps: generate the same requests with each sampler setting, evaluate each set
+against a real one, print one table (the model card's "Sampler" section).
+
+`python scripts/sampler_table.py REAL RUNS [--n 100] [--jobs 2] [--weights DIR] [--settings ...]` writes
+RUNS/<setting>/ (the generated set, its eval.json and seconds.json) and prints the table; rerun it to
+resume (generate skips complete subjects, an existing eval.json is kept). Each setting is
+sampler:steps:keyframes:seed. Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
+everything else drawn from the prior; the same seed draws the same requests, so settings with one seed
+are paired, and two seeds of one setting measure the run-to-run noise. It prints figures and asserts
+nothing. Generation runs as `jobs` CLI processes with one thread each, side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")
+SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:20:12:0", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:0",
+            "dpmpp_2m:8:12:0", "dpmpp_2m:10:8:0")
+MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
+
+
+def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights) -> dict:
+    sampler, steps, keyframes, seed = setting.split(":")
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = out / "seconds.json"
+    if not seconds.exists():
+        per_job = -(-n // jobs)
+        procs, clock = [], time.perf_counter()
+        for j in range(jobs):
+            rows = range(j * per_job, min(n, (j + 1) * per_job))
+            if not rows:
+                continue
+            csv = out / f"requests_{j}.csv"
+            csv.write_text("dx\n" + "".join(f"{DIAGNOSES[i % len(DIAGNOSES)]}\n" for i in rows))
+            cmd = [sys.executable, "-m", "synth4d", "generate", str(out), "--conditions", str(csv), "--start",
+                   str(rows[0]), "--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed]
+            cmd += ["--weights", str(weights)] if weights else []
+            procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL))
+        if any(p.wait() for p in procs):
+            raise SystemExit(f"generation failed for {setting}")
+        seconds.write_text(json.dumps({"seconds": time.perf_counter() - clock, "subjects": n, "jobs": jobs}))
+    report = out / "eval.json"
+    if not report.exists():
+        cmd = [sys.executable, "-m", "synth4d", "eval", str(real), str(out), "--fvd", "--control", "--coherence",
+               "--json"] + (["--weights", str(weights)] if weights else [])
+        result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        report.write_text(result.stdout)
+    return {**json.loads(report.read_text()), "timing": json.loads(seconds.read_text())}
+
+
+def row(setting: str, r: dict) -> str:
+    c, coh = r["control"], r["coherence"]
+    cells = [f"{c['priors'][k]['r']:.3f} / {c['priors'][k]['mae']:.1f}" for k in MEASURES]
+    t = r["timing"]
+    cells += [f"{c['diagnosis']['rate']:.2f}", f"{r['fvd_vae']['value']:.2f}",
+              f"{coh['generated']['image_change']:.4f}", f"{coh['generated']['es_phase_sd']:.3f}",
+              f"{t['seconds'] / t['subjects']:.2f}"]
+    return f"| {setting} | " + " | ".join(cells) + " |"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("real", type=Path)
+    ap.add_argument("runs", type=Path)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--weights", type=Path, default=None)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS))
+    args = ap.parse_args()
+    results = {}
+    for setting in args.settings:
+        results[setting] = run_setting(args.real, args.runs / setting.replace(":", "_"), setting, args.n, args.jobs,
+                                       args.weights)
+        print(f"done {setting}", file=sys.stderr)
+    head = ["sampler:steps:keyframes:seed"] + [f"{k} r / MAE" for k in MEASURES] + [
+        "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "s / subject (machine)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for setting, r in results.items():
+        print(row(setting, r))
+
+
+if __name__ == "__main__":
+    main()
