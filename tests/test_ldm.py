@@ -60,6 +60,18 @@ def test_resume_equals_uninterrupted(tiny_phantom, tiny_weights, tmp_path, monke
     assert sa["step"] == sb["step"] == 4
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
 
+    # Killed between its first checkpoint and its first resume state: --resume starts again, same result.
+    real_save = ldm.save_state
+    monkeypatch.setattr(ldm, "save_state", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ldm.train_ldm(task(), tiny_phantom, vae, tmp_path / "c", **run)
+    monkeypatch.setattr(ldm, "save_state", real_save)
+    assert (tmp_path / "c" / name).is_file() and not (tmp_path / "c" / f"{task.stage}.state.pt").exists()
+    ldm.train_ldm(task(), tiny_phantom, vae, tmp_path / "c", resume=True, preset="tiny", cache=tmp_path / "cache",
+                  ckpt_every=2)
+    c = load_file(tmp_path / "c" / name)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
 
 def test_motion_batches_group_frames_and_measure_residuals(tiny_phantom, tiny_weights, tmp_path):
     from synth4d.jobs.encode import encode_dataset

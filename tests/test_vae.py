@@ -150,6 +150,23 @@ def test_resume_equals_uninterrupted(phantom, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="nothing to resume"):
         tv.train_vae(phantom, tmp_path / "c", resume=True, preset="tiny")
 
+    # Killed after the first checkpoints were written but before the first resume state: not stuck.
+    real_save = tv.save_state
+
+    def killed(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tv, "save_state", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tv.train_vae(phantom, tmp_path / "d", **run)
+    monkeypatch.setattr(tv, "save_state", real_save)
+    assert (tmp_path / "d" / "vae.safetensors").is_file() and not (tmp_path / "d" / "vae.state.pt").exists()
+    with pytest.raises(UserError, match="--resume"):
+        tv.train_vae(phantom, tmp_path / "d", **run)
+    tv.train_vae(phantom, tmp_path / "d", resume=True, preset="tiny", cache=tmp_path / "cache", eval_every=3)
+    a, d = load_file(tmp_path / "a" / "vae.safetensors"), load_file(tmp_path / "d" / "vae.safetensors")
+    assert all(torch.equal(a[k], d[k]) for k in a)
+
 
 def test_cli_train_then_segment(phantom, tmp_path, monkeypatch):
     runner = CliRunner()

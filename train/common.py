@@ -137,15 +137,31 @@ def read_split(out, ids=None) -> tuple[list, list]:
     return train_ids, val_ids
 
 
-def resumed_settings(path: Path, given: dict) -> dict:
-    """The recorded run settings, with those given again on the command line taking over."""
+def open_run(out, state_path, products, given: dict, resume: bool, what: str) -> tuple[dict, bool]:
+    """The run's settings, and whether its resume state is to be restored.
+
+    --resume continues from the resume state with the recorded settings (those given again, other than
+    preset and seed, take over). A run stopped before it wrote its first resume state has nothing to
+    restore: --resume starts it again from step 0 with its recorded settings, so a run folder is never
+    stuck. Without --resume, a folder that already holds a run (a resume state or any of `products`)
+    is refused.
+    """
+    out, state_path = Path(out), Path(state_path)
+    if not resume:
+        if state_path.exists() or any(Path(p).exists() for p in products):
+            raise UserError(f"{out} already holds a {what} run; pass --resume to continue it or choose another --out")
+        return dict(given), False
+    record = out / "run.json"
+    if not state_path.is_file() and not record.is_file():
+        raise UserError(f"nothing to resume in {out} (no {state_path.name}); run without --resume to start")
     try:
-        run = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"cannot resume: {path} is missing or unreadable") from None
-    if given["preset"] != run["preset"]:
-        raise UserError(f"this run uses preset {run['preset']!r}; resume it with --preset {run['preset']}")
-    return {**run, **{k: v for k, v in given.items() if v is not None and k not in ("preset", "seed")}}
+        run = json.loads(record.read_text())
+        preset = run["preset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"cannot resume: {record} is missing or unreadable") from None
+    if given["preset"] != preset:
+        raise UserError(f"this run uses preset {preset!r}; resume it with --preset {preset}")
+    return {**run, **{k: v for k, v in given.items() if v is not None and k not in ("preset", "seed")}}, state_path.is_file()
 
 
 class RunLog:

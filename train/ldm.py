@@ -24,8 +24,8 @@ from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.diffusion import diffusion_loss, make_schedule, min_snr_v_weight, q_sample, timestep_buckets
 from synth4d.nets.unet import UNet
-from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, read_split, resumed_settings,
-                                  save_state, update_ema, write_split)
+from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, open_run, read_split, save_state,
+                                  update_ema, write_split)
 from synth4d.weights.checkpoint import REMOVED_AT, load_init, save_checkpoint
 
 SCHEDULE, PRED = "cosine", "v"
@@ -48,16 +48,11 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     ckpt_path, state_path = out / f"{stage}.safetensors", out / f"{stage}.state.pt"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
            "vae": str(Path(vae_path).resolve()), "init": init and str(Path(init).resolve())}
-    if resume:
-        if not state_path.is_file():
-            raise UserError(f"nothing to resume in {out} (no {state_path.name}); run without --resume to start")
-        run = resumed_settings(out / "run.json", run)
-        if run.get("weighting", "min_snr") != WEIGHTING or run.get("temporal"):  # options measured and removed
-            what = "the temporal layer" if run.get("temporal") else f"loss weighting {run.get('weighting', 'min_snr')}"
-            raise UserError(f"{out} was trained with {what}, which this synth4d no longer has; "
-                            f"resume it with the code of commit {REMOVED_AT}")
-    elif state_path.exists() or ckpt_path.exists():
-        raise UserError(f"{out} already holds a {stage} run; pass --resume to continue it or choose another --out")
+    run, restore = open_run(out, state_path, (ckpt_path,), run, resume, stage)
+    if resume and (run.get("weighting", "min_snr") != WEIGHTING or run.get("temporal")):  # options measured, removed
+        what = "the temporal layer" if run.get("temporal") else f"loss weighting {run.get('weighting', 'min_snr')}"
+        raise UserError(f"{out} was trained with {what}, which this synth4d no longer has; "
+                        f"resume it with the code of commit {REMOVED_AT}")
     run["weighting"] = WEIGHTING
     p = get_preset(run["preset"])
     defaults = getattr(p, f"train_{stage}")
@@ -69,7 +64,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
 
     subjects, vae_meta = encode_dataset(data, run["vae"], cache=cache, skip_bad=skip_bad, device=device)
     by_id = {s.id: s for s in subjects}
-    train_ids, val_ids = (read_split(out, by_id) if resume else write_split(out, list(by_id), VAL_FRACTION, run["seed"]))
+    train_ids, val_ids = (read_split(out, by_id) if restore else write_split(out, list(by_id), VAL_FRACTION, run["seed"]))
     train, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
     dx_vocab = sorted({s.dx for s in train if s.dx})
     cfg = dataclasses.replace(getattr(p, stage), dx_vocab=tuple(dx_vocab))
@@ -91,7 +86,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     sched = make_schedule(SCHEDULE)
     rng = RunRandom(run["seed"])
     start, history = 0, []  # history: held-out loss against step and cumulative training seconds
-    if resume:
+    if restore:
         start, extra = load_state(state_path, model, opt, ema)
         rng.set_state(extra.get("rng", extra.get("sampler")))  # "sampler": runs saved before the rename
         history = json.loads(extra["history"])
@@ -104,6 +99,8 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         meta["priors"] = fit_priors(labelled)
 
     log = RunLog(out, total, start)
+    if resume and not restore:
+        log.note(f"no resume state in {out} yet (stopped before its first checkpoint): starting again from step 0")
     seconds0 = history[-1]["seconds"] if history else 0
     log.note(f"{stage} LDM {p.name}: {len(train)} training subjects, {len(val)} held out, "
              f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f}M parameters; steps {start}->{total}, "

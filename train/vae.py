@@ -25,8 +25,8 @@ from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.pipeline import encode_frames, reconstruct_frames
 from synth4d.nets.vae import VAE
-from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, read_split, resumed_settings,
-                                  save_state, update_ema, write_split)
+from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, open_run, read_split, save_state,
+                                  update_ema, write_split)
 from synth4d.weights.checkpoint import save_checkpoint
 
 KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
@@ -47,12 +47,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     dev = select_device(device)
     state_path, best_path, last_path = out / "vae.state.pt", out / "vae.safetensors", out / "vae_last.safetensors"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
-    if resume:
-        if not state_path.is_file():
-            raise UserError(f"nothing to resume in {out} (no vae.state.pt); run without --resume to start")
-        run = resumed_settings(out / "run.json", run)
-    elif state_path.exists() or best_path.exists() or last_path.exists():
-        raise UserError(f"{out} already holds a VAE run; pass --resume to continue it or choose another --out")
+    run, restore = open_run(out, state_path, (best_path, last_path), run, resume, "VAE")
     p = get_preset(run["preset"])
     run["steps"] = run["steps"] or p.train_vae.steps
     run["batch_size"] = run["batch_size"] or p.train_vae.batch_size
@@ -64,7 +59,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad)}
     if len(subjects) < 2:
         raise UserError(f"{data} holds {len(subjects)} usable subject; the VAE needs at least 2 (one is held out)")
-    train_ids, val_ids = (read_split(out, subjects) if resume
+    train_ids, val_ids = (read_split(out, subjects) if restore
                           else write_split(out, list(subjects), VAL_FRACTION, seed))
     train, val = [subjects[i] for i in train_ids], [subjects[i] for i in val_ids]
     frames = [(s, t) for s, subj in enumerate(train) for t in range(subj.image.shape[3])]
@@ -77,7 +72,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
     rng = RunRandom(seed)
     start, best = 0, {"score": -float("inf")}
-    if resume:
+    if restore:
         start, extra = load_state(state_path, model, opt, ema)
         rng.set_state(extra.get("rng", extra.get("sampler")))  # "sampler": runs saved before the rename
         best = extra["best"]
@@ -87,6 +82,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
             "labelled_frames": len(labelled), "seed": seed}
 
     log = RunLog(out, total, start)
+    if resume and not restore:
+        log.note(f"no resume state in {out} yet (stopped before its first evaluation): starting again from step 0")
     log.note(f"VAE {p.name}: {len(train)} training subjects ({len(frames)} frames, {len(labelled)} labelled), "
              f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, device {dev}")
     model.train()
