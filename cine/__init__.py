@@ -3,6 +3,7 @@
 This module holds what every room shares: the two error types a user sees as one line, the label
 convention, the diagnosis names, and the one atomic writer every file goes through.
 """
+import glob
 import os
 from pathlib import Path
 
@@ -24,17 +25,49 @@ LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}  # ACDC convention, used 
 DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")  # ACDC groups; None means unknown
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()   # what open() would give; some writers (safetensors) create files 0600
+TMP_PREFIX = ".tmp"              # temporary names are hidden: no data set layout or loader reads them
+
+
 def atomic_write(path, write) -> Path:
     """Call write(tmp) with a temporary path beside `path`, then rename it over `path`: a reader never
     sees a half-written file, and a failed write leaves neither the file nor the temporary behind.
-    The temporary name ends like `path` (write functions that pick a format by suffix still work)."""
+    The temporary name ends like `path` (write functions that pick a format by suffix still work).
+    A symbolic link at `path` is replaced, never written through. Temporaries that a killed process
+    left for the same file are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}_{path.name}")
+    _remove_stale(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{os.getpid()}_{path.name}")
     try:
         write(str(tmp))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete .tmp<pid>_<name> files beside `path` whose process no longer runs."""
+    for tmp in path.parent.glob(f"{TMP_PREFIX}*_{glob.escape(path.name)}"):
+        pid = tmp.name[len(TMP_PREFIX):].split("_", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True

@@ -77,15 +77,16 @@ def _detect(root: Path):
                       for d in base.iterdir() if d.is_dir() and re.fullmatch(r"patient\d+", d.name))
     if patients:
         return "acdc", [partial(_acdc_ref, d) for d in patients]
-    tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv"))}
-    cines = sorted(root.rglob("*_sa.nii.gz"))
+    tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv")) if _visible(p)}
+    cines = sorted(p for p in root.rglob("*_sa.nii.gz") if _visible(p))
     if cines:  # M&Ms: the information CSV (e.g. 211230_M&Ms_Dataset_information_diagnosis_opendataset.csv)
         info = next((p for p, (columns, _) in tables.items() if "external_code" in columns), None)
         if info is None:
             raise DataError(root, "M&Ms images found but no information CSV (a CSV with an 'External code' column)")
         rows = _by_key(tables[info][1], "external_code")
         return "mnms", [partial(_mnms_ref, p, root, rows, info) for p in cines]
-    images = sorted(p for p in root.iterdir() if p.is_file() and _is_nifti(p) and not _DERIVED.search(_stem(p)))
+    images = sorted(p for p in root.iterdir()
+                    if p.is_file() and _visible(p) and _is_nifti(p) and not _DERIVED.search(_stem(p)))
     if images:
         keyed = {p: "subject" if "subject" in columns else "id"
                  for p, (columns, _) in tables.items() if {"subject", "id"} & set(columns)}
@@ -311,6 +312,11 @@ def _frame(path, name, value, n_frames, base, required=True) -> Optional[int]:
 def _dx(value) -> Optional[str]:
     code = (value or "").strip().upper()
     return None if code in _NO_DX else _DX_ALIASES.get(code, code)
+
+
+def _visible(p: Path) -> bool:
+    """Hidden names (temporary files of an interrupted write among them) are never data."""
+    return not p.name.startswith(".")
 
 
 def _is_nifti(p: Path) -> bool:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from synth4d.cine import DataError, UserError, atomic_write
+from synth4d.cine import FILE_MODE, DataError, UserError, atomic_write
 from synth4d.cine.measures import MEASURES
 from synth4d.cine.nifti import Geometry, write
 from synth4d.jobs.synthesize import DEFAULT_SAMPLER, Sampling, Synthetic, load, manifest_row, subject_seed
@@ -139,7 +140,12 @@ def _write_manifest(path, rows: dict):
     """Add or replace `rows` in the manifest at `path`, under a lock: jobs generating into one folder
     (e.g. --start 0 and --start 50 side by side) keep each other's rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(".manifest.lock"), "w") as lock:
+    lock_path = path.with_name(".manifest.lock")
+    try:  # never through a symbolic link, never truncating: the lock file only serves flock
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), FILE_MODE)
+    except OSError as e:
+        raise DataError(lock_path, f"cannot open the manifest lock ({e.strerror}; a symbolic link is refused)") from None
+    with os.fdopen(fd) as lock:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         rows = {**_read_manifest(path), **rows}

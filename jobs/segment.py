@@ -37,8 +37,8 @@ def _plan(image: Path, out: Path) -> list[tuple[Path, Path]]:
     """
     image, out = Path(image), Path(out)
     if image.is_dir():
-        inputs = sorted(p for p in image.iterdir()
-                        if p.is_file() and p.name.endswith(SUFFIXES) and not DERIVED.search(_stem(p)))
+        inputs = sorted(p for p in image.iterdir() if p.is_file() and not p.name.startswith(".")
+                        and p.name.endswith(SUFFIXES) and not DERIVED.search(_stem(p)))
         if not inputs:
             raise UserError(f"no NIfTI files (.nii, .nii.gz) in {image}")
         if out.name.endswith(SUFFIXES):

@@ -179,3 +179,15 @@ def test_manifest_updates_keep_the_rows_another_job_wrote(tmp_path):
     rows = _read_manifest(path)
     assert sorted(rows) == ["synth_0000", "synth_0002"] and rows["synth_0000"]["seed"] == "2"
     assert rows["synth_0002"]["attempts"] == "1" and not list(tmp_path.glob(".tmp*"))
+
+
+def test_manifest_lock_is_never_followed_through_a_symlink(tmp_path):
+    from synth4d.cine import DataError
+    from synth4d.jobs.generate import _write_manifest
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".manifest.lock").symlink_to(precious)
+    with pytest.raises(DataError, match="manifest lock"):
+        _write_manifest(tmp_path / "out" / "manifest.csv", {"synth_0000": {"id": "synth_0000", "seed": 1}})
+    assert precious.read_text() == "keep me"
