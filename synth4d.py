@@ -36,7 +36,9 @@ def load(weights=None, device: str = "cpu"):
 
 
 def _echo_json(obj):
-    click.echo(json.dumps(obj, indent=None, default=str))
+    """One line of strict JSON: NaN and infinities become null (json.dumps would write NaN, which is not JSON)."""
+    from synth4d.jobs.report import clean
+    click.echo(json.dumps(clean(obj), indent=None, default=str, allow_nan=False))
 
 
 def _common_train(f):

@@ -1,4 +1,5 @@
 """The VAE: shapes, posterior, semi-supervised loss, checkpoint, exact resume, CLI train + segment."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,31 @@ def test_cli_train_then_segment(phantom, tmp_path, monkeypatch):
     monkeypatch.setattr(synth4d.jobs.segment, "DIR", tmp_path / "no_weights_here")
     with pytest.raises(UserError, match="no shipped VAE weights"):
         next(segment(cine_path, tmp_path / "x.nii.gz"))
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(phantom, tmp_path, monkeypatch):
+    run = dict(preset="tiny", steps=6, batch_size=2, eval_every=2, cache=tmp_path / "cache")
+    real = tv.vae_loss
+    calls = []
+
+    def nan_at_step_4(*args, **kw):
+        calls.append(1)
+        losses = real(*args, **kw)
+        return {**losses, "loss": losses["loss"] * float("nan")} if len(calls) == 4 else losses
+
+    monkeypatch.setattr(tv, "vae_loss", nan_at_step_4)
+    with pytest.raises(UserError, match="loss became nan at step 4"):
+        tv.train_vae(phantom, tmp_path / "a", **run)
+    state = torch.load(tmp_path / "a" / "vae.state.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "a" / "vae.safetensors").values())
+
+
+def test_json_output_is_strict(tmp_path):
+    """A cine with no heart in it has no ejection fraction: segment --json says null, never NaN."""
+    geom = nifti.Geometry.from_spacing((1.5, 1.5, 8.0), frame_ms=40.0)
+    nifti.write(tmp_path / "empty.nii.gz", np.zeros((40, 40, 4, 3), np.float32), geom)
+    result = CliRunner().invoke(cli, ["segment", str(tmp_path / "empty.nii.gz"), str(tmp_path / "m.nii.gz"), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert row["lvedv"] == 0.0 and row["lvef"] is None

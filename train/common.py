@@ -137,6 +137,15 @@ def read_split(out, ids=None) -> tuple[list, list]:
     return train_ids, val_ids
 
 
+def check_finite(loss: torch.Tensor, step: int, out, log) -> None:
+    """Stop the run on a non-finite loss, before it reaches the weights: the checkpoints and the resume
+    state on disk stay those of the last evaluation."""
+    if not torch.isfinite(loss).all():
+        log.close()
+        raise UserError(f"the training loss became {loss.item()} at step {step + 1}; {out} keeps the checkpoints and "
+                        "resume state of the last good evaluation: --resume with a lower --lr, or check the data")
+
+
 def open_run(out, state_path, products, given: dict, resume: bool, what: str) -> tuple[dict, bool]:
     """The run's settings, and whether its resume state is to be restored.
 

@@ -24,8 +24,8 @@ from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.diffusion import diffusion_loss, make_schedule, min_snr_v_weight, q_sample, timestep_buckets
 from synth4d.nets.unet import UNet
-from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, open_run, read_split, save_state,
-                                  update_ema, write_split)
+from synth4d.train.common import (RunLog, RunRandom, check_finite, load_state, lr_at, make_ema, open_run, read_split,
+                                  save_state, update_ema, write_split)
 from synth4d.weights.checkpoint import REMOVED_AT, load_init, save_checkpoint
 
 SCHEDULE, PRED = "cosine", "v"
@@ -124,6 +124,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         mse = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED)                           # (B,)
         per_sample = mse * min_snr_v_weight(t, sched).to(device=mse.device, dtype=mse.dtype)
         loss = per_sample.mean()
+        check_finite(loss, step, out, log)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,8 +25,8 @@ from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.pipeline import encode_frames, reconstruct_frames
 from synth4d.nets.vae import VAE
-from synth4d.train.common import (RunLog, RunRandom, load_state, lr_at, make_ema, open_run, read_split, save_state,
-                                  update_ema, write_split)
+from synth4d.train.common import (RunLog, RunRandom, check_finite, load_state, lr_at, make_ema, open_run, read_split,
+                                  save_state, update_ema, write_split)
 from synth4d.weights.checkpoint import save_checkpoint
 
 KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
@@ -96,6 +96,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         with autocast(dev):
             image, logits, posterior = model(x)
         losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask)
+        check_finite(losses["loss"], step, out, log)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
