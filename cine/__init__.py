@@ -5,6 +5,7 @@ convention, the diagnosis names, and the one atomic writer every file goes throu
 """
 import glob
 import os
+import shutil
 from pathlib import Path
 
 
@@ -59,11 +60,12 @@ def _remove_stale(path: Path) -> None:
     """Delete .tmp<pid>_<name> files beside `path` whose process no longer runs."""
     for tmp in path.parent.glob(f"{TMP_PREFIX}*_{glob.escape(path.name)}"):
         pid = tmp.name[len(TMP_PREFIX):].split("_", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not pid_running(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` still runs (on this machine)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -71,3 +73,22 @@ def _running(pid: int) -> bool:
     except PermissionError:   # another user's process
         return True
     return True
+
+
+def atomic_folder(folder, write) -> Path:
+    """Call write(tmp) with an empty hidden folder beside `folder`, then swap it into place: a reader sees
+    the old folder or the complete new one, never a half-written one."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from synth4d.cine import DIAGNOSES, UserError, nifti
+from synth4d.cine import DIAGNOSES, UserError, atomic_folder, nifti
 from synth4d.cine.heart import DTHETA, GROUPS, N_THETA, Heart, draw_parameters, labels, motion, polar, slab
 
 
@@ -296,12 +295,10 @@ def _complete(folder):
 
 
 def _write_subject(folder, case, seed):
-    """Write into a hidden temp folder, then rename it into place: never a half-written subject."""
+    """Write one subject's folder, whole or not at all (cine.atomic_folder)."""
     sid = folder.name
-    tmp, old = folder.with_name(f".{sid}.tmp"), folder.with_name(f".{sid}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
+
+    def write(tmp):
         cycle, frame = (nifti.Geometry(case.affine, case.spacing, ms) for ms in (case.frame_ms, None))
         image = case.image.astype(np.int16)
         nifti.write(tmp / f"{sid}_4d.nii.gz", image, cycle)
@@ -314,12 +311,8 @@ def _write_subject(folder, case, seed):
             f"ED: {case.ed + 1}\nES: {case.es + 1}\nGroup: {case.dx}\nHeight: {p['height']:.1f}\n"
             f"NbFrame: {image.shape[3]}\nWeight: {p['weight']:.1f}\nVendor: {case.vendor}\nSeed: {seed}\n")
         (tmp / "params.json").write_text(json.dumps({"dx": case.dx, "vendor": case.vendor, "seed": seed, **p}))
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_folder(folder, write)
 
 
 def write_phantom(out, n, seed, dx="mixed", vendor="mixed", overwrite=False, progress=True, frames=None,

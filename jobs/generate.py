@@ -2,8 +2,10 @@
 
 Layouts: "flat" writes OUT/synth_NNNN.nii.gz (4D image), OUT/synth_NNNN_mask.nii.gz (4D mask) and
 OUT/manifest.csv, a folder+CSV data set the loader reads; "acdc" writes OUT/patientNNN/ exactly as
-the phantom does. Each subject's files are written atomically, then its manifest row; a rerun
-skips complete subjects, so an interrupted job resumes where it stopped.
+the phantom does (each folder whole or not at all). Each subject's files are written atomically, then
+its manifest row; a rerun skips complete subjects, so an interrupted job resumes where it stopped.
+While a subject is being written, OUT/.pending/<id> names the process writing it: a rerun redoes a
+subject whose writer was killed, even when some of its files are already there.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from synth4d.cine import FILE_MODE, DataError, UserError, atomic_write
+from synth4d.cine import FILE_MODE, DataError, UserError, atomic_folder, atomic_write, pid_running
 from synth4d.cine.measures import MEASURES
 from synth4d.cine.nifti import Geometry, write
 from synth4d.jobs.synthesize import DEFAULT_SAMPLER, Sampling, Synthetic, load, manifest_row, subject_seed
@@ -27,6 +29,7 @@ except ImportError:        # elsewhere: one job per output folder
     fcntl = None
 
 CSV_COLUMNS = ("dx", *MEASURES, "frames")
+PENDING = ".pending"     # OUT/.pending/<id>: the pid of the process writing subject id
 
 
 def read_conditions(path) -> list[dict]:
@@ -97,36 +100,54 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
             if all(p.exists() for p in files):
                 yield {**done, "files": [str(p) for p in files], "skipped": True}
                 continue
-        if not overwrite and (out / image_rel).exists():
+        if not overwrite and (out / image_rel).exists() and not _interrupted(out, sid):
             raise UserError(f"{out / image_rel} exists and is not in {out / 'manifest.csv'}; pass --overwrite")
         pending.append((i, req))
 
     for i, req in tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending):
         subject = model.subject(req, i, seed, sampling)
         sid = _names(i, layout)[0]
+        marker = atomic_write(out / PENDING / sid, lambda tmp: Path(tmp).write_text(str(os.getpid())))
         row = {**manifest_row(sid, subject, req, sampling), "files": ";".join(map(str, _write(out, layout, i, subject)))}
         _write_manifest(out / "manifest.csv", {sid: row})
+        marker.unlink()
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
+
+
+def _interrupted(out, sid) -> bool:
+    """Whether subject sid was being written by a process that no longer runs."""
+    try:
+        pid = int((out / PENDING / sid).read_text())
+    except (OSError, ValueError):
+        return False
+    return not pid_running(pid)
 
 
 def _write(out, layout, i, subject: Synthetic) -> list:
     """The subject's files, written atomically: image as int16 in 0..1000 (the [-1, 1] model range), masks
-    uint8; with the acdc layout also the ED and ES frames and Info.cfg. Returns the paths relative to out."""
+    uint8; with the acdc layout the subject's folder, whole, with the ED and ES frames and Info.cfg too.
+    Returns the paths relative to out."""
     sid, image_rel, mask_rel = _names(i, layout)
     image, labels, geom, es = np.round((subject.image + 1) * 500).astype(np.int16), subject.mask, subject.geometry, subject.es
-    write(out / image_rel, image, geom)
-    write(out / mask_rel, labels, geom, kind="mask")
-    files = [image_rel, mask_rel]
-    if layout == "acdc":
-        frame_geom = Geometry(geom.affine, geom.spacing, None)
+    if layout == "flat":
+        write(out / image_rel, image, geom)
+        write(out / mask_rel, labels, geom, kind="mask")
+        return [image_rel, mask_rel]
+    frame_geom = Geometry(geom.affine, geom.spacing, None)
+    names = [image_rel.name, mask_rel.name] + [f"{sid}_frame{t + 1:02d}{suffix}.nii.gz" for t in (0, es)
+                                               for suffix in ("", "_gt")] + ["Info.cfg"]
+
+    def write_folder(tmp):
+        write(tmp / image_rel.name, image, geom)
+        write(tmp / mask_rel.name, labels, geom, kind="mask")
         for t in (0, es):
-            for suffix, data, kind in (("", image[..., t], "image"), ("_gt", labels[..., t], "mask")):
-                rel = Path(sid) / f"{sid}_frame{t + 1:02d}{suffix}.nii.gz"
-                write(out / rel, data, frame_geom, kind=kind)
-                files.append(rel)
-        info = f"ED: 1\nES: {es + 1}\nGroup: {subject.values['dx'] or ''}\nNbFrame: {image.shape[3]}\n"
-        files.append(atomic_write(out / sid / "Info.cfg", lambda tmp: Path(tmp).write_text(info)).relative_to(out))
-    return files
+            write(tmp / f"{sid}_frame{t + 1:02d}.nii.gz", image[..., t], frame_geom)
+            write(tmp / f"{sid}_frame{t + 1:02d}_gt.nii.gz", labels[..., t], frame_geom, kind="mask")
+        (tmp / "Info.cfg").write_text(f"ED: 1\nES: {es + 1}\nGroup: {subject.values['dx'] or ''}\n"
+                                      f"NbFrame: {image.shape[3]}\n")
+
+    atomic_folder(out / sid, write_folder)
+    return [Path(sid) / name for name in names]
 
 
 def _read_manifest(path) -> dict:

@@ -191,3 +191,43 @@ def test_manifest_lock_is_never_followed_through_a_symlink(tmp_path):
     with pytest.raises(DataError, match="manifest lock"):
         _write_manifest(tmp_path / "out" / "manifest.csv", {"synth_0000": {"id": "synth_0000", "seed": 1}})
     assert precious.read_text() == "keep me"
+
+
+KILL_AT = {  # a function of jobs.generate to replace, and on which call the process dies (os._exit: no clean-up)
+    "between the subject's files and its manifest row": ("_write_manifest", 1),
+    "between the image and the mask": ("write", 2),
+}
+
+
+@pytest.mark.parametrize("layout", ["flat", "acdc"])
+@pytest.mark.parametrize("moment", list(KILL_AT))
+def test_a_rerun_completes_a_generate_killed_at_any_write(tiny_weights, tmp_path, layout, moment):
+    """Kill a run mid-subject (a real process exit, nothing cleaned up), rerun the same command: the
+    folder ends exactly as an uninterrupted run leaves it, and no data set reader sees a partial subject."""
+    args = ["--weights", tiny_weights, "--n", 2, "--seed", 4, "--layout", layout, *FAST]
+    run_cli("generate", *args, tmp_path / "whole")
+    name, call = KILL_AT[moment]
+    killed = tmp_path / "killed"
+    script = (f"import os, sys, synth4d.jobs.generate as g\n"
+              f"real, calls = g.{name}, []\n"
+              f"def dies(*a, **k):\n"
+              f"    calls.append(1)\n"
+              f"    if len(calls) == {call}: os._exit(9)\n"
+              f"    return real(*a, **k)\n"
+              f"g.{name} = dies\n"
+              f"from synth4d import main\n"
+              f"sys.argv = ['synth4d', 'generate'] + sys.argv[1:]\n"
+              f"main()\n")
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args), str(killed)], capture_output=True)
+    assert done.returncode == 9
+    if layout == "acdc" and list(killed.glob("patient*")):   # a subject folder is there whole or not at all
+        assert all(ref.load().n_frames == 5 for ref in scan(killed).refs)
+    run_cli("generate", *args, killed)
+    def data_files(folder):  # hidden names are the lock and the pending markers, no data
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    files = data_files(tmp_path / "whole")
+    assert files == data_files(killed)
+    assert all((tmp_path / "whole" / f).read_bytes() == (killed / f).read_bytes() for f in files)
+    assert not list(killed.rglob(".tmp*")) and not list((killed / ".pending").iterdir())
+    assert [r.id for r in scan(killed).refs] == [r.id for r in scan(tmp_path / "whole").refs]
