@@ -1,4 +1,5 @@
-"""Benchmark: generation time by stage, peak memory, training steps/s, FLOP efficiency, paper preset.
+"""Benchmark: generation time by stage for DDIM and the default sampler (and their ratio), peak memory, training
+steps/s, FLOP efficiency, paper preset.
 
 Run `python scripts/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
 asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
@@ -20,6 +21,7 @@ from synth4d.nets.diffusion import make_schedule
 from synth4d.nets.pipeline import Generator4D
 from synth4d.nets.unet import UNet
 from synth4d.nets.vae import VAE
+from synth4d.jobs.synthesize import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 CL = torch.channels_last_3d
 VOCAB = ("DCM", "HCM", "MINF", "NOR", "RV")
@@ -116,7 +118,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=None, help="a weights folder (default: random networks of the cpu preset)")
     ap.add_argument("--frames", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps of the reference setting and of the paper ratio")
     ap.add_argument("--subjects", type=int, default=3)
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
     ap.add_argument("--skip-paper", action="store_true")
@@ -134,21 +136,29 @@ def main():
     chain = Generator4D(vae, static, motion, make_schedule("cosine"), 1.0, 1.0, (X, Y, Z), norm(static.cfg),
                         norm(motion.cfg), p.grid, {})
     values = {"dx": static.cfg.dx_vocab[0], **{k: 0.0 for k in static.cfg.scalars + motion.cfg.scalars}}
-    per_subject, stages = [], []
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for i in range(args.subjects):
-        timings = {}
-        t = time.perf_counter()
-        chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=args.steps,
-                       guidance=2.0, keyframes=args.keyframes, timings=timings)
-        per_subject.append(time.perf_counter() - t)
-        stages.append(timings)
+    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER])
+    settings = [("ddim", args.steps)] + ([default] if default != ("ddim", args.steps) else [])
+    medians = {}
+    for sampler, steps in settings:
+        per_subject, stages = [], []
+        for i in range(args.subjects):
+            timings = {}
+            t = time.perf_counter()
+            chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=steps,
+                           guidance=2.0, keyframes=args.keyframes, timings=timings, sampler=sampler)
+            per_subject.append(time.perf_counter() - t)
+            stages.append(timings)
+        medians[sampler, steps] = statistics.median(per_subject)
+        print(f"\ngeneration, {args.frames}-frame subject, {args.keyframes or args.frames} motion keyframes, "
+              f"{sampler} {steps} steps per model, guidance 2 (median of {args.subjects}): "
+              f"{medians[sampler, steps]:.2f} s")
+        for k in ("static", "motion", "decode"):
+            print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
+    if len(settings) == 2:
+        print(f"default ({default[0]} {default[1]}) / ddim {args.steps}: "
+              f"{medians[default] / medians['ddim', args.steps]:.2f} of the time")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\ngeneration, {args.frames}-frame subject, {args.keyframes or args.frames} motion keyframes, "
-          f"{args.steps} DDIM steps per model, guidance 2 "
-          f"(median of {args.subjects}): {statistics.median(per_subject):.2f} s")
-    for k in ("static", "motion", "decode"):
-        print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
     print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
 
     print("\nFLOP efficiency (one forward at the generation loop's batch):")
