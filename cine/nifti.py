@@ -39,6 +39,68 @@ class Geometry:
         return Geometry(affine, tuple(float(s) for s in spacing), frame_ms)
 
 
+MAX_VOXELS = 1 << 28            # 268M: more than a 512 x 512 x 32-slice x 32-frame cine; no cine comes near
+SPACING_MM = (0.01, 100.0)      # plausible voxel sizes; a header outside claims metres or microns
+STREAM_CHECK_BYTES = 1 << 26    # above this, the data a compressed file claims is counted before it is allocated
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:120] if lines else "no message"
+
+
+def _open(path: Path, check_data: bool):
+    """nib.load with every header-level check, before any voxel data is read or allocated: the claimed
+    size against MAX_VOXELS and against the file (a compressed file is counted, not unpacked, when it
+    claims more than STREAM_CHECK_BYTES and check_data is set), the data type, the voxel spacing and the
+    affine."""
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with nib.imageglobals.LoggingOutputSuppressor():   # nibabel logs its repairs: a user sees one line
+            img = nib.load(str(path))
+            with nib.openers.ImageOpener(str(path)) as f:  # the header as stored, before nibabel repairs it
+                stored = type(img.header).from_fileobj(f, check=False)
+        shape, dtype = tuple(int(s) for s in img.header.get_data_shape()), img.header.get_data_dtype()
+        offset = int(img.header.get("vox_offset", 0))
+    except OSError as e:
+        raise DataError(path, f"cannot read ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # nibabel raises many types for foreign or truncated headers
+        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__})") from None
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0
+    if voxels > MAX_VOXELS:
+        raise DataError(path, f"header claims {voxels} voxels {shape}, more than any cine ({MAX_VOXELS}); not read")
+    if dtype.fields is not None or dtype.kind not in "biuf":
+        raise DataError(path, f"unsupported voxel type {dtype} (expected integers or real floats)")
+    need = voxels * dtype.itemsize
+    if path.name.endswith(".gz"):
+        if check_data and need > STREAM_CHECK_BYTES and _unpacked_size(path, offset + need) < offset + need:
+            raise DataError(path, f"header claims {need} bytes of voxel data, more than the file holds")
+    elif path.stat().st_size < offset + need:
+        raise DataError(path, f"header claims {need} bytes of voxel data, the file holds {path.stat().st_size}")
+    pixdim = np.asarray(stored["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(np.abs(pixdim) < SPACING_MM[0]) or np.any(np.abs(pixdim) > SPACING_MM[1]):
+        raise DataError(path, f"voxel spacing {tuple(float(x) for x in pixdim)} mm is outside "
+                              f"{SPACING_MM[0]}-{SPACING_MM[1]} mm")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise DataError(path, "the voxel-to-world affine is not finite or not invertible")
+    return img
+
+
+def _unpacked_size(path: Path, limit: int) -> int:
+    """Bytes of a gzip file once unpacked, counted up to `limit` in 16 MB pieces (none of it kept)."""
+    import gzip
+    n = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while n < limit and (piece := f.read(1 << 24)):
+                n += len(piece)
+    except (OSError, EOFError, ValueError):
+        pass
+    return n
+
+
 def _dims(path, shape, ndim) -> tuple:
     """shape, with a trailing singleton time axis dropped for a 3D frame; DataError if not ndim-D."""
     if ndim == 3 and len(shape) == 4 and shape[3] == 1:
@@ -51,15 +113,8 @@ def _dims(path, shape, ndim) -> tuple:
 
 def peek(path, ndim=None) -> tuple:
     """(shape, affine) from the header alone: nibabel loads voxel data lazily, so nothing else is read."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
-    try:
-        img = nib.load(str(path))
-        shape, affine = tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
-    except Exception as e:  # nibabel raises many types for foreign or truncated headers
-        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__})") from None
-    return _dims(path, shape, ndim), affine
+    img = _open(Path(path), check_data=False)
+    return _dims(path, tuple(int(s) for s in img.shape), ndim), np.asarray(img.affine, dtype=np.float64)
 
 
 def read(path, ndim=None, kind="image"):
@@ -68,18 +123,14 @@ def read(path, ndim=None, kind="image"):
     ndim: 3 or 4 to insist on a frame or a cine (a trailing singleton time axis is dropped for 3).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "file not found")
+    img = _open(path, check_data=True)
     try:
-        img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for truncated / foreign files
-        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})") from None
     data = data.reshape(_dims(path, data.shape, ndim))
     zooms = img.header.get_zooms()
     spacing = tuple(float(z) for z in zooms[:3])
-    if any(not np.isfinite(s) or s <= 0 for s in spacing):
-        raise DataError(path, f"invalid voxel spacing {spacing}")
     frame_ms = None
     if data.ndim == 4 and len(zooms) > 3 and zooms[3] > 0:
         unit = img.header.get_xyzt_units()[1]
