@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import sys
 from pathlib import Path
@@ -32,40 +33,59 @@ CSV_COLUMNS = ("dx", *MEASURES, "frames")
 PENDING = ".pending"     # OUT/.pending/<id>: the pid of the process writing subject id
 
 
-def read_conditions(path) -> list[dict]:
-    """--conditions CSV -> one request dict per row (columns: any of CSV_COLUMNS)."""
+def read_conditions(path) -> list[tuple[int, dict]]:
+    """--conditions CSV -> (line number, request) per row. Columns: any of CSV_COLUMNS; numbers finite,
+    frames whole. A malformed file or row is a DataError naming the file and the line."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        unknown = sorted(set(columns) - set(CSV_COLUMNS))
-        if unknown:
-            raise DataError(path, f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(CSV_COLUMNS)}")
-        rows = []
-        for i, raw in enumerate(reader, start=2):
-            row = {}
-            for k, v in raw.items():
-                k, v = k.strip().lower(), (v or "").strip()
-                if not v:
-                    continue
-                if k == "dx":
-                    row[k] = v.upper()
-                    continue
-                try:
-                    row[k] = float(v)
-                except ValueError:
-                    raise DataError(path, f"line {i}: {k} {v!r} is not a number") from None
-            rows.append(row)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, strict=True)
+            columns = [c.strip().lower() for c in next(reader, [])]
+            unknown = sorted(set(columns) - set(CSV_COLUMNS))
+            if unknown:
+                raise DataError(path, f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(CSV_COLUMNS)} "
+                                      "(comma-separated)")
+            if len(set(columns)) != len(columns):
+                raise DataError(path, "a column appears twice in the header")
+            rows = [(reader.line_num, _condition_row(path, reader.line_num, columns, values))
+                    for values in reader if any(v.strip() for v in values)]
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text (save the CSV as UTF-8)") from None
+    except csv.Error as e:
+        raise DataError(path, f"line {reader.line_num}: not a well-formed CSV row ({e})") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read ({e.strerror})") from None
     if not rows:
         raise DataError(path, "no subject rows")
     return rows
 
 
-def _requests(n, dx, given, conditions, frames, slices):
+def _condition_row(path, line, columns, values) -> dict:
+    if len(values) > len(columns):
+        raise DataError(path, f"line {line}: {len(values)} fields for {len(columns)} columns")
+    row = {}
+    for k, v in zip(columns, values):
+        v = v.strip()
+        if not v:
+            continue
+        if k == "dx":
+            row[k] = v.upper()
+            continue
+        try:
+            row[k] = float(v)
+        except ValueError:
+            raise DataError(path, f"line {line}: {k} {v[:40]!r} is not a number") from None
+        if not math.isfinite(row[k]) or (k == "frames" and row[k] != round(row[k])):
+            raise DataError(path, f"line {line}: {k} {v[:40]!r} is not a {'whole' if k == 'frames' else 'finite'} number")
+    return row
+
+
+def _requests(n, dx, given, conditions, frames, slices) -> list[tuple[int | None, dict]]:
+    """(CSV line or None, request) per subject."""
     base = {"dx": dx.upper() if dx else None, **given, "frames": frames, "slices": slices}
     if conditions is None:
-        return [dict(base) for _ in range(n)]
-    return [{**base, **row} for row in read_conditions(conditions)]
+        return [(None, dict(base)) for _ in range(n)]
+    return [(line, {**base, **row}) for line, row in read_conditions(conditions)]
 
 
 def _names(i, layout):
@@ -82,10 +102,17 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)
     model = load(weights, device)
-    requests = _requests(n, dx, {k: v for k, v in given.items() if v is not None}, conditions, frames, slices)
-    for req in requests:  # every request is checked before any work
-        model.check(req)
+    requests = []
+    for line, req in _requests(n, dx, {k: v for k, v in given.items() if v is not None}, conditions, frames, slices):
+        try:  # every request is checked before any work
+            model.check(req)
+        except UserError as e:
+            if line is None:
+                raise
+            raise DataError(conditions, f"line {line}: {e}") from None
+        requests.append(req)
     sampling = Sampling(sampler, steps, guidance, keyframes)
+    _check_output(out)
 
     manifest = _read_manifest(out / "manifest.csv")
     pending = []
@@ -150,11 +177,36 @@ def _write(out, layout, i, subject: Synthetic) -> list:
     return [Path(sid) / name for name in names]
 
 
+def _check_output(out: Path) -> None:
+    """The output folder can be made and written to, before any work (a probe file, removed again)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a folder; choose another OUT")
+    try:
+        atomic_write(out / PENDING / f".probe{os.getpid()}", lambda tmp: Path(tmp).write_text("")).unlink()
+    except OSError as e:
+        raise DataError(out, f"cannot write the output folder ({e.strerror or e})") from None
+
+
+MANIFEST_NEEDS = ("id", "seed", "attempts", "files")
+
+
 def _read_manifest(path) -> dict:
+    """id -> row of the manifest at `path` ({} if there is none); DataError if it is not one generate wrote."""
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
-        return {row["id"]: row for row in csv.DictReader(f)}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, strict=True)
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise DataError(path, f"unreadable manifest ({type(e).__name__}); move it away or pass another OUT") from None
+    missing = [c for c in MANIFEST_NEEDS if c not in (reader.fieldnames or [])]
+    bad = next((i for i, r in enumerate(rows, 2) if None in r or not (r.get("seed") or "").isdigit()
+                or not (r.get("attempts") or "").isdigit()), None)
+    if missing or bad is not None:
+        why = f"no {', '.join(missing)} column" if missing else f"line {bad} is malformed"
+        raise DataError(path, f"not a manifest synth4d generate wrote ({why}); move it away or pass another OUT")
+    return {row["id"]: row for row in rows}
 
 
 def _write_manifest(path, rows: dict):

@@ -231,3 +231,58 @@ def test_a_rerun_completes_a_generate_killed_at_any_write(tiny_weights, tmp_path
     assert all((tmp_path / "whole" / f).read_bytes() == (killed / f).read_bytes() for f in files)
     assert not list(killed.rglob(".tmp*")) and not list((killed / ".pending").iterdir())
     assert [r.id for r in scan(killed).refs] == [r.id for r in scan(tmp_path / "whole").refs]
+
+
+CONDITIONS = {  # CSV content (bytes): what the one-line error says
+    "extra field": (b"dx,lvedv\nHCM,150,7\n", "line 2: 3 fields for 2 columns"),
+    "frames nan": (b"dx,frames\nHCM,nan\n", "line 2: frames 'nan' is not a whole number"),
+    "frames inf": (b"dx,frames\nHCM,inf\n", "line 2: frames 'inf' is not a whole number"),
+    "frames 2.7": (b"dx,frames\nHCM,2.7\n", "line 2: frames '2.7' is not a whole number"),
+    "lvedv inf": (b"dx,lvedv\nHCM,1e999\n", "line 2: lvedv '1e999' is not a finite number"),
+    "Latin-1 bytes": ("dx,lvedv\nHCM,150\nNOR,1\xe9\n".encode("latin-1"), "not UTF-8"),
+    "UTF-16": ("dx,lvedv\nHCM,150\n".encode("utf-16"), "not UTF-8"),
+    "a 200 kB field": (b"dx,lvedv\nHCM," + b"1" * 200_000 + b"\n", "line 2: not a well-formed CSV row"),
+    "unclosed quote": (b'dx,lvedv\n"HCM,150\nNOR,100\n', "not a well-formed CSV row"),
+    "semicolons": (b"dx;lvedv\nHCM;150\n", "unknown column"),
+    "a column twice": (b"dx,lvedv,lvedv\nHCM,150,160\n", "a column appears twice"),
+    "a range error on line 3": (b"dx,lvef\nHCM,60\nDCM,130\n", "line 3: lvef must be between 0 and 100"),
+    "an unknown diagnosis on line 2": (b"dx\nFOO\n", "line 2: unknown diagnosis 'FOO'"),
+    "no rows": (b"dx,lvedv\n", "no subject rows"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONDITIONS))
+def test_bad_conditions_name_the_file_and_line_and_write_nothing(tiny_weights, tmp_path, case):
+    from synth4d.cine import DataError
+    from synth4d.jobs.generate import generate
+    content, why = CONDITIONS[case]
+    path = tmp_path / "requests.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=why) as info:
+        list(generate(tmp_path / "out", conditions=path, weights=tiny_weights, frames=4, steps=2))
+    assert info.value.path == str(path) and not (tmp_path / "out").exists()
+
+
+def test_bad_output_folders_and_manifests_are_refused_before_any_work(tiny_weights, tmp_path):
+    from synth4d.cine import DataError, UserError
+    from synth4d.jobs.generate import generate
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(UserError, match="is not a folder"):
+        list(generate(tmp_path / "a_file", weights=tiny_weights, frames=4, steps=2))
+    for content in (b"\xff\xfe\x00garbage", b"name,value\nx,1\n", b"id,seed,attempts,files\nsynth_0000,abc,1,x\n"):
+        out = tmp_path / f"out{len(content)}"
+        out.mkdir()
+        (out / "manifest.csv").write_bytes(content)
+        with pytest.raises(DataError, match="manifest") as info:
+            list(generate(out, weights=tiny_weights, frames=4, steps=2))
+        assert info.value.path == str(out / "manifest.csv")
+        assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["manifest.csv"]
+
+
+def test_cli_gives_one_line_for_bad_conditions(tiny_weights, tmp_path):
+    (tmp_path / "c.csv").write_bytes(b"dx,frames\nHCM,2.7\n")
+    done = subprocess.run([sys.executable, "-m", "synth4d", "generate", str(tmp_path / "o"), "--conditions",
+                           str(tmp_path / "c.csv"), "--weights", str(tiny_weights)], capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and done.stdout == ""
+    assert done.stderr.strip().splitlines() == [f"synth4d: error: {tmp_path / 'c.csv'}: line 2: frames '2.7' is not "
+                                                "a whole number"]
