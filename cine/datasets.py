@@ -12,6 +12,7 @@ The one exception is a plain folder without CSV, where finding ED and ES needs t
 from __future__ import annotations
 
 import csv
+import io
 import re
 import sys
 from dataclasses import dataclass, field
@@ -77,13 +78,13 @@ def _detect(root: Path):
                       for d in base.iterdir() if d.is_dir() and re.fullmatch(r"patient\d+", d.name))
     if patients:
         return "acdc", [partial(_acdc_ref, d) for d in patients]
-    tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv")) if _visible(p)}
+    tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv")) if _visible(p) and not p.is_dir()}
     cines = sorted(p for p in root.rglob("*_sa.nii.gz") if _visible(p))
     if cines:  # M&Ms: the information CSV (e.g. 211230_M&Ms_Dataset_information_diagnosis_opendataset.csv)
         info = next((p for p, (columns, _) in tables.items() if "external_code" in columns), None)
         if info is None:
             raise DataError(root, "M&Ms images found but no information CSV (a CSV with an 'External code' column)")
-        rows = _by_key(tables[info][1], "external_code")
+        rows = _by_key(info, tables[info][1], "external_code")
         return "mnms", [partial(_mnms_ref, p, root, rows, info) for p in cines]
     images = sorted(p for p in root.iterdir()
                     if p.is_file() and _visible(p) and _is_nifti(p) and not _DERIVED.search(_stem(p)))
@@ -93,7 +94,7 @@ def _detect(root: Path):
         if len(keyed) > 1:
             raise DataError(root, f"several CSV files with a subject column ({', '.join(p.name for p in keyed)}); keep one")
         table, key = next(iter(keyed.items()), (None, None))
-        rows = _by_key(tables[table][1], key) if table else {}
+        rows = _by_key(table, tables[table][1], key) if table else {}
         return "folder", [partial(_folder_ref, p, rows, table) for p in images]
     raise DataError(root, "no subjects found (expected ACDC patientNNN/ folders, M&Ms <code>/<code>_sa.nii.gz "
                           "with an information CSV, or 4D NIfTI files)")
@@ -256,29 +257,62 @@ def _frame_masks(folder: Path, sid: str, shape, affine) -> dict:
     return found
 
 
-def _read_cfg(path: Path) -> dict:
+def _text(path: Path) -> str:
+    """A metadata file's text (UTF-8, an Excel byte-order mark allowed); DataError if it cannot be read as such."""
     if not path.is_file():
-        raise DataError(path, "missing Info.cfg")
-    cfg = {}
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        raise DataError(path, f"missing {path.name}" if not path.exists() else "not a file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(path, "not UTF-8 text (save it as UTF-8)") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read ({e.strerror})") from None
+
+
+def _read_cfg(path: Path) -> dict:
+    """Info.cfg 'Key: value' lines -> {key (lower case): value}; a key given twice is an error."""
+    cfg, where = {}, {}
+    for i, line in enumerate(_text(path).splitlines(), 1):
         if line.strip():
             key, sep, value = line.partition(":")
             if not sep:
                 raise DataError(path, f"line {i} is not 'Key: value': {line.strip()[:60]!r}")
-            cfg[key.strip().lower()] = value.strip()
+            key = key.strip().lower()
+            if key in cfg:
+                raise DataError(path, f"line {i}: {key!r} given twice (also line {where[key]})")
+            cfg[key], where[key] = value.strip(), i
     return cfg
 
 
 def _read_csv(path: Path):
-    """(columns, rows as dicts); column names lower-case with spaces as underscores ("External code")."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: Excel's byte-order mark
-        reader = csv.reader(f)
-        columns = [re.sub(r"\s+", "_", c.strip().lower()) for c in next(reader, [])]
-        return columns, [{c: v.strip() for c, v in zip(columns, values) if c} for values in reader]
+    """(columns, [(line, row dict)]); column names lower-case with spaces as underscores ("External code").
+    Comma-separated, well-formed, no row longer than the header: otherwise a DataError naming the line."""
+    reader = csv.reader(io.StringIO(_text(path), newline=""), strict=True)
+    try:
+        header = next(reader, [])
+        if len(header) == 1 and ";" in header[0]:
+            raise DataError(path, "semicolon-separated; synth4d reads comma-separated CSV")
+        columns = [re.sub(r"\s+", "_", c.strip().lower()) for c in header]
+        rows = []
+        for values in reader:
+            if len(values) > len(columns):
+                raise DataError(path, f"line {reader.line_num}: {len(values)} fields for {len(columns)} columns")
+            rows.append((reader.line_num, {c: v.strip() for c, v in zip(columns, values) if c}))
+    except csv.Error as e:
+        raise DataError(path, f"line {reader.line_num}: not a well-formed CSV row ({e})") from None
+    return columns, rows
 
 
-def _by_key(rows, key) -> dict:
-    return {row[key]: row for row in rows if row.get(key)}
+def _by_key(path, rows, key) -> dict:
+    """{row[key]: row}; the same key on two lines is an error."""
+    out, where = {}, {}
+    for line, row in rows:
+        k = row.get(key)
+        if k:
+            if k in out:
+                raise DataError(path, f"line {line}: {key} {k!r} appears twice (also line {where[k]})")
+            out[k], where[k] = row, line
+    return out
 
 
 def _number(path, name, value, kind=float):

@@ -318,3 +318,42 @@ def test_info_cli_error_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
     assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _folder_with_csv(root, content: bytes):
+    from synth4d.cine.nifti import Geometry, write
+    for sid in ("a", "b"):
+        write(root / f"{sid}.nii.gz", np.zeros((8, 8, 3, 4), np.float32), Geometry.from_spacing((1.5, 1.5, 8.0), 40.0))
+    (root / "info.csv").write_bytes(content)
+
+
+BAD_TABLES = {
+    "semicolons": (b"subject;dx\na;NOR\n", "semicolon-separated"),
+    "UTF-16": ("subject,dx\na,NOR\n".encode("utf-16"), "not UTF-8"),
+    "Latin-1": ("subject,dx\na,N\xd6R\n".encode("latin-1"), "not UTF-8"),
+    "unclosed quote": (b'subject,dx\n"a,NOR\nb,DCM\n', "not a well-formed CSV row"),
+    "a 200 kB field": (b"subject,dx\na," + b"x" * 200_000 + b"\n", "line 2: not a well-formed CSV row"),
+    "an id twice": (b"subject,dx\na,NOR\nb,DCM\na,HCM\n", "line 4: subject 'a' appears twice \\(also line 2\\)"),
+    "a longer row": (b"subject,dx\na,NOR,extra\n", "line 2: 3 fields for 2 columns"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TABLES))
+def test_bad_folder_tables_are_refused_naming_the_line(tmp_path, case):
+    content, why = BAD_TABLES[case]
+    _folder_with_csv(tmp_path, content)
+    with pytest.raises(DataError, match=why) as info:
+        scan(tmp_path)
+    assert info.value.path == str(tmp_path / "info.csv")
+
+
+def test_info_cfg_with_a_key_twice_or_a_byte_order_mark(tmp_path):
+    from synth4d.cine.datasets import _read_cfg
+    (tmp_path / "Info.cfg").write_bytes(b"ED: 1\nES: 8\nED: 3\n")
+    with pytest.raises(DataError, match="line 3: 'ed' given twice \\(also line 1\\)"):
+        _read_cfg(tmp_path / "Info.cfg")
+    (tmp_path / "Info.cfg").write_bytes("\ufeffED: 1\nES: 8\n".encode("utf-8"))
+    assert _read_cfg(tmp_path / "Info.cfg") == {"ed": "1", "es": "8"}
+    (tmp_path / "a.csv").mkdir()   # a folder named like a table is no table
+    _folder_with_csv(tmp_path, b"subject,dx\na,NOR\n")
+    assert [r.dx for r in scan(tmp_path).refs] == ["NOR", None]
