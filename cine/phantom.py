@@ -331,6 +331,18 @@ def write_phantom(out, n, seed, dx="mixed", vendor="mixed", overwrite=False, pro
     _check(DIAGNOSES[0] if dx == "mixed" else dx, names[0] if vendor == "mixed" else vendor)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):  # a rerun continues the same data set, never mixes in another one
+        folder = out / f"patient{i + 1:03d}"
+        want = {"seed": seed, "dx": DIAGNOSES[i % 5] if dx == "mixed" else dx,
+                "vendor": names[i % 4] if vendor == "mixed" else vendor}
+        if not overwrite and _complete(folder):
+            try:
+                have = {k: json.loads((folder / "params.json").read_text())[k] for k in want}
+            except (OSError, ValueError, KeyError, TypeError):
+                have = None
+            if have != want:
+                raise UserError(f"{folder} holds another phantom subject than --seed {seed} --dx {dx} --vendor "
+                                f"{vendor} makes ({have or 'unreadable params.json'}); pass --overwrite or another OUT")
 
     def make(i):
         folder = out / f"patient{i + 1:03d}"

@@ -10,7 +10,10 @@ subject whose writer was killed, even when some of its files are already there.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import io
+import json
 import math
 import os
 import sys
@@ -23,6 +26,7 @@ from synth4d.cine import FILE_MODE, DataError, UserError, atomic_folder, atomic_
 from synth4d.cine.measures import MEASURES
 from synth4d.cine.nifti import Geometry, write
 from synth4d.jobs.synthesize import DEFAULT_SAMPLER, Sampling, Synthetic, load, manifest_row, subject_seed
+from synth4d.weights.checkpoint import weights_identity
 
 try:
     import fcntl           # POSIX: serialises the manifest updates of jobs writing into one folder
@@ -113,6 +117,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         requests.append(req)
     sampling = Sampling(sampler, steps, guidance, keyframes)
     _check_output(out)
+    identity = weights_identity(weights)
 
     manifest = _read_manifest(out / "manifest.csv")
     pending = []
@@ -120,9 +125,13 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         i = start + k
         sid, image_rel, mask_rel = _names(i, layout)
         done = manifest.get(sid)
+        request = _request_id(req, sampling, identity, seed, i)
         if done and not overwrite:
-            if int(done["seed"]) != subject_seed(seed, i, int(done["attempts"]) - 1):
-                raise UserError(f"{out / image_rel} was generated with another seed; pass --overwrite or another OUT")
+            # Manifests written before the request column existed are compared by seed alone.
+            if (done.get("request", request) != request
+                    or int(done["seed"]) != subject_seed(seed, i, int(done["attempts"]) - 1)):
+                raise UserError(f"{out / image_rel} was generated from another request (conditions, frames, sampler, "
+                                f"steps, guidance, keyframes, weights or seed); pass --overwrite or another OUT")
             files = [out / p for p in done["files"].split(";")]
             if all(p.exists() for p in files):
                 yield {**done, "files": [str(p) for p in files], "skipped": True}
@@ -135,10 +144,18 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         subject = model.subject(req, i, seed, sampling)
         sid = _names(i, layout)[0]
         marker = atomic_write(out / PENDING / sid, lambda tmp: Path(tmp).write_text(str(os.getpid())))
-        row = {**manifest_row(sid, subject, req, sampling), "files": ";".join(map(str, _write(out, layout, i, subject)))}
+        row = {**manifest_row(sid, subject, req, sampling), "weights": identity,
+               "request": _request_id(req, sampling, identity, seed, i),
+               "files": ";".join(map(str, _write(out, layout, i, subject)))}
         _write_manifest(out / "manifest.csv", {sid: row})
         marker.unlink()
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
+
+
+def _request_id(req, sampling, identity, seed, index) -> str:
+    """A digest of everything that makes subject `index`: the request, the sampling, the weights and the seed."""
+    blob = json.dumps([req, dataclasses.asdict(sampling), identity, seed, index], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _interrupted(out, sid) -> bool:

@@ -69,9 +69,11 @@ def test_rerun_skips_complete_subjects_and_never_overwrites(tiny_weights, tmp_pa
     rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
     assert [r.get("skipped", False) for r in rows] == [True, True, False]
     assert (out / "synth_0001.nii.gz").stat().st_mtime_ns == first
-    # Another seed into the same folder would silently mix two runs: refused.
-    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--seed", "5", *FAST, str(out)])
-    assert result.exit_code != 0 and "another seed" in str(result.exception)
+    # Another request into the same folder would silently mix two runs: refused, whatever differs.
+    for change in (["--seed", "5"], ["--dx", "HCM"], ["--lvedv", "150"], ["--frames", "6"], ["--steps", "4"],
+                   ["--guidance", "3"], ["--keyframes", "2"], ["--sampler", "dpmpp_2m"]):
+        result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), *FAST, *change, str(out)])
+        assert result.exit_code != 0 and "another request" in str(result.exception), change
     # A stray file with a subject's name is not overwritten without --overwrite.
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "synth_0000.nii.gz").write_bytes(b"mine")

@@ -198,3 +198,12 @@ def test_cli_writes_a_default_size_subject(tmp_path):
     assert 1.3 <= geom.spacing[0] <= 1.8 and 5 <= geom.spacing[2] <= 10
     bad = CliRunner().invoke(synth4d.cli, ["phantom", str(tmp_path / "x"), "--vendor", "Z"])
     assert bad.exit_code != 0
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    list(phantom.write_phantom(tmp_path, n=2, seed=7, frames=4, matrix=32, progress=False))
+    list(phantom.write_phantom(tmp_path, n=3, seed=7, frames=4, matrix=32, progress=False))   # continues: fine
+    for kw in ({"seed": 8}, {"seed": 7, "dx": "DCM"}, {"seed": 7, "vendor": "B"}):
+        with pytest.raises(UserError, match="holds another phantom subject"):
+            list(phantom.write_phantom(tmp_path, n=2, frames=4, matrix=32, progress=False, **kw))
+    list(phantom.write_phantom(tmp_path, n=1, seed=8, frames=4, matrix=32, progress=False, overwrite=True))

@@ -9,6 +9,7 @@ Anything that is not a usable checkpoint raises cine.DataError naming the file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import typing
@@ -157,6 +158,17 @@ def weights_folder(folder=None) -> Path:
         raise UserError(f"no {', '.join(f'{s}.safetensors' for s in missing)} in {folder}; "
                         "train them (synth4d train-vae, train-static, train-motion) or pass --weights")
     return folder
+
+
+def weights_identity(folder=None) -> str:
+    """A short digest of the vae/static/motion files in `folder` (default: the shipped weights): which weights
+    made a generated subject."""
+    h = hashlib.sha256()
+    for stage in STAGES:
+        with open(weights_folder(folder) / f"{stage}.safetensors", "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def load_chain(folder=None, device="cpu") -> Generator4D:
