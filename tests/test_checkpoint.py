@@ -115,3 +115,55 @@ def test_denoiser_configs_of_removed_options(tiny_weights, tmp_path):
     assert model.cfg == cfg
     with pytest.raises(DataError, match="temporal attention layer, which synth4d no longer has"):
         load_denoiser(tmp_path / "motion_True.safetensors", "motion")
+
+
+def _edited(src, dst, config=None, meta=None, stage=None, tensors=None):
+    """A copy of checkpoint src with its config, metadata, stage or tensors edited, as a user might."""
+    from safetensors import safe_open
+    with safe_open(str(src), framework="pt") as f:
+        metadata, state = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    if config is not None:
+        metadata["config"] = json.dumps(config(json.loads(metadata["config"])))
+    for k, v in (meta or {}).items():
+        if v is None:
+            metadata.pop(k, None)
+        else:
+            metadata[k] = json.dumps(v)
+    if stage is not None:
+        metadata["stage"] = stage
+    state = tensors(state) if tensors else state
+    save_file(state, str(dst), metadata=metadata)
+
+
+def _nan_first(state):
+    k = next(k for k, v in state.items() if v.is_floating_point())
+    return {**state, k: state[k] * float("nan")}
+
+
+HOSTILE_WEIGHTS = {  # stage file edited: (edit, what the error says)
+    "static without priors": ("static", dict(meta={"priors": None}), "incomplete or invalid"),
+    "static without grid": ("static", dict(meta={"grid": None}), "different grids"),
+    "unknown config field": ("motion", dict(config=lambda c: {**c, "bogus": 1}), "no field"),
+    "a schedule that does not exist": ("static", dict(meta={"schedule": "quadratic"}), "schedule"),
+    "motion weights relabelled static": ("static", dict(stage="static", src="motion"), "not a static denoiser"),
+    "200,000 channels": ("static", dict(config=lambda c: {**c, "widths": [200_000, 400_000]}),
+                         "do not match their config"),
+    "a NaN tensor": ("motion", dict(tensors=_nan_first), "NaN or infinite"),
+    "a NaN latent scale": ("vae", dict(meta={"scale": float("nan")}), "latent scale"),
+    "a NaN residual scale": ("motion", dict(meta={"residual_scale": float("nan")}), "incomplete or invalid"),
+    "a normalisation for other conditions": ("static", dict(meta={"norm": {"x": [0, 1]}}), "incomplete or invalid"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_WEIGHTS))
+def test_edited_weights_are_refused_in_one_line(tiny_weights, tmp_path, case):
+    import shutil
+
+    from synth4d.weights.checkpoint import load_chain
+    stage, edit, why = HOSTILE_WEIGHTS[case]
+    folder = tmp_path / "w"
+    shutil.copytree(tiny_weights, folder)
+    src = tiny_weights / f"{edit.pop('src', stage)}.safetensors"
+    _edited(src, folder / f"{stage}.safetensors", **edit)
+    with pytest.raises(DataError, match=why):
+        load_chain(folder)

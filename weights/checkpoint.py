@@ -70,6 +70,11 @@ def read_checkpoint(path, stage: str | None = None) -> tuple[dict, dict, dict]:
         meta = {k: json.loads(v) for k, v in metadata.items() if k not in _RESERVED}
     except json.JSONDecodeError:
         raise DataError(path, "checkpoint metadata is not valid JSON") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise DataError(path, f"tensor {bad} holds NaN or infinite values")
+    if not isinstance(config, dict):
+        raise DataError(path, "checkpoint config is not a JSON object")
     return state, config, meta
 
 
@@ -106,14 +111,28 @@ def export_half(src, dst) -> Path:
 
 # ---- models from checkpoints ---------------------------------------------------------------
 
-def _build(path, cls, config_cls, config: dict, state: dict):
-    """The network of `config` with `state` loaded; DataError naming the file when they do not fit."""
+def _build(path, cls, cfg, state: dict):
+    """The network of `cfg` with `state` loaded; DataError naming the file when they do not fit. The network
+    is first built on the meta device (no memory), so a config that does not match the file's tensors,
+    however large it claims to be, is refused before anything is allocated."""
     try:
-        model = cls(config_from_dict(config_cls, config))
-        model.load_state_dict(state)
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as e:
-        raise DataError(path, f"weights do not match their config ({str(e).splitlines()[0][:120]})") from None
+        raise DataError(path, f"unusable network config ({_first_line(e)})") from None
+    given = {k: tuple(v.shape) for k, v in state.items()}
+    if shapes != given:
+        key = next(k for k in sorted(set(shapes) | set(given)) if shapes.get(k) != given.get(k))
+        raise DataError(path, f"weights do not match their config (tensor {key}: config {shapes.get(key)}, "
+                              f"file {given.get(key)})")
+    model = cls(cfg)
+    model.load_state_dict(state)
     return model
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:120] if lines else type(e).__name__
 
 
 def unet_config(path, config: dict) -> UNetConfig:
@@ -126,28 +145,33 @@ def unet_config(path, config: dict) -> UNetConfig:
     try:
         return config_from_dict(UNetConfig, config)
     except (TypeError, ValueError) as e:
-        raise DataError(path, f"unusable denoiser config ({e})") from None
+        raise DataError(path, f"unusable denoiser config ({_first_line(e)})") from None
 
 
 def load_vae(path, device="cpu") -> tuple[VAE, dict]:
     """Rebuild the VAE from a checkpoint file alone -> (model in eval mode on device, metadata).
     The metadata's "grid", when present, becomes a GridConfig."""
     state, config, meta = read_checkpoint(path, stage="vae")
-    model = _build(path, VAE, VAEConfig, config, state)
-    if "grid" in meta:
-        meta["grid"] = config_from_dict(GridConfig, meta["grid"])
-    return model.to(select_device(str(device))).eval(), meta
+    try:
+        cfg = config_from_dict(VAEConfig, config)
+        if "grid" in meta:
+            meta["grid"] = config_from_dict(GridConfig, meta["grid"])
+    except (TypeError, ValueError, AttributeError) as e:
+        raise DataError(path, f"unusable VAE config or grid ({_first_line(e)})") from None
+    scale = meta.get("scale", 1.0)
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise DataError(path, f"latent scale {scale!r} is not a positive number")
+    return _build(path, VAE, cfg, state).to(select_device(str(device))).eval(), meta
 
 
 def load_denoiser(path, stage: str, device="cpu") -> tuple[UNet, dict]:
     """Rebuild a static or motion denoiser -> (model in eval mode on device, metadata)."""
     state, config, meta = read_checkpoint(path, stage=stage)
-    model = UNet(unet_config(path, config))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise DataError(path, f"weights do not match their config ({str(e).splitlines()[0][:100]})") from None
-    return model.to(select_device(str(device))).eval(), meta
+    cfg = unet_config(path, config)
+    motion = stage == "motion"
+    if bool(cfg.ctx_ch) != motion or cfg.phase != motion:
+        raise DataError(path, f"its network is not a {stage} denoiser (context channels {cfg.ctx_ch}, phase {cfg.phase})")
+    return _build(path, UNet, cfg, state).to(select_device(str(device))).eval(), meta
 
 
 def weights_folder(folder=None) -> Path:
@@ -184,7 +208,13 @@ def load_chain(folder=None, device="cpu") -> Generator4D:
         raise DataError(folder, "the vae, static and motion checkpoints were trained on different grids")
     try:
         sched = make_schedule(smeta["schedule"])
-        norms = [{k: tuple(v) for k, v in m["norm"].items()} for m in (smeta, mmeta)]
+        norms = [_norm(m["norm"], net.cfg.scalars) for m, net in ((smeta, static), (mmeta, motion))]
+        scales = [float(smeta["vae_scale"]), float(mmeta["residual_scale"])]
+        if not all(math.isfinite(x) and x > 0 for x in scales) or smeta["pred"] not in ("eps", "v"):
+            raise ValueError(f"scales {scales}, prediction {smeta['pred']!r}")
+        if not (static.cfg.in_ch == motion.cfg.in_ch == vae.cfg.latent_ch and static.cfg.dx_vocab == motion.cfg.dx_vocab
+                and {"fields", "all", "dx"} <= set(smeta["priors"])):
+            raise ValueError("the three networks do not belong together (latent channels, diagnoses or priors)")
         chain = Generator4D(vae.to(memory_format=torch.channels_last_3d),
                             static.to(memory_format=torch.channels_last_3d),
                             motion.to(memory_format=torch.channels_last_3d), sched, float(smeta["vae_scale"]),
@@ -193,6 +223,14 @@ def load_chain(folder=None, device="cpu") -> Generator4D:
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(folder, f"checkpoint metadata incomplete or invalid ({type(e).__name__}: {e})") from None
     return chain
+
+
+def _norm(norm: dict, names) -> dict:
+    """A checkpoint's condition normalisation, checked: exactly the network's scalars, finite, std > 0."""
+    out = {k: (float(v[0]), float(v[1])) for k, v in norm.items()}
+    if list(out) != list(names) or not all(math.isfinite(m) and math.isfinite(s) and s > 0 for m, s in out.values()):
+        raise ValueError(f"condition normalisation {norm} does not fit the scalars {list(names)}")
+    return out
 
 
 def load_init(path, model: UNet, stage: str, vae_scale: float) -> dict:
