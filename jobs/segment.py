@@ -8,14 +8,15 @@ before the argmax, so the written mask has the input's shape and geometry exactl
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from synth4d.cine import DataError, UserError
+from synth4d.cine import DataError, UserError, atomic_write
 from synth4d.cine.measures import ejection_fraction, volume_curve
-from synth4d.cine.nifti import read, write
+from synth4d.cine.nifti import peek, read, write
 from synth4d.cine.prep import prepare_image, to_source
 from synth4d.nets.pipeline import reconstruct
 from synth4d.weights import DIR
@@ -54,6 +55,9 @@ def segment(image, out, weights=None, device="cpu", overwrite=False):
 
     Each dict holds input, mask (the written path), lvedv/lvesv/rvedv/rvesv (mL), lvef/rvef (%),
     ed/es (0-based frames of largest/smallest LV volume) and lv_curve/rv_curve (mL per frame).
+    All or nothing: every input's header and every output place is checked before the model runs, and
+    the masks are written only once every input has been segmented, so a bad file among many leaves
+    no output behind (and the same command runs again once it is fixed).
     """
     path = Path(weights) if weights is not None else DIR / "vae.safetensors"
     if not path.is_file():
@@ -63,16 +67,24 @@ def segment(image, out, weights=None, device="cpu", overwrite=False):
     if existing and not overwrite:
         raise UserError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
                         "pass --overwrite to replace")
+    _check_places(plan)
+    for src_path, _ in plan:
+        peek(src_path, ndim=4)
     model, meta = load_vae(path, device)
     if "grid" not in meta:
         raise DataError(path, "VAE checkpoint lacks its training grid; use one written by synth4d train-vae")
     dev = next(model.parameters()).device
+    masks = []
     for src_path, dest in plan:
         cine, geom = read(src_path, ndim=4)
         prepared = prepare_image(cine, geom, meta["grid"], id=_stem(src_path))
         _, prob = reconstruct(model, prepared.image, dev)                 # (C, X, Y, Z, T) on the grid
-        mask = to_source(prob, prepared).argmax(axis=0).astype(np.uint8)  # (X, Y, Z, T) on the input grid
-        write(dest, mask, geom, kind="mask")
+        masks.append((to_source(prob, prepared).argmax(axis=0).astype(np.uint8), geom))  # (X, Y, Z, T), input grid
+    for (src_path, dest), (mask, geom) in zip(plan, masks):
+        try:
+            write(dest, mask, geom, kind="mask")
+        except OSError as e:
+            raise DataError(dest, f"cannot write ({e.strerror or e})") from None
         curves = volume_curve(mask, geom.spacing)
         lv, rv = curves["lv"], curves["rv"]
         ed, es = int(np.argmax(lv)), int(np.argmin(lv))
@@ -80,3 +92,18 @@ def segment(image, out, weights=None, device="cpu", overwrite=False):
                "lvedv": float(lv[ed]), "lvesv": float(lv[es]), "lvef": ejection_fraction(lv[ed], lv[es]),
                "rvedv": float(rv[ed]), "rvesv": float(rv[es]), "rvef": ejection_fraction(rv[ed], rv[es]),
                "ed": ed, "es": es, "lv_curve": [float(v) for v in lv], "rv_curve": [float(v) for v in rv]}
+
+
+def _check_places(plan) -> None:
+    """Every output can be written: no folder where a file goes, no file where a folder goes, writable."""
+    for _, dest in plan:
+        if dest.is_dir():
+            raise UserError(f"{dest} is a folder; name the mask file, or give a folder to write into")
+        folder = next((p for p in [dest.parent, *dest.parent.parents] if p.exists()), None)
+        if folder is not None and not folder.is_dir():
+            raise UserError(f"{folder} is a file, so {dest} cannot be written")
+    for folder in {dest.parent for _, dest in plan}:
+        try:
+            atomic_write(folder / f".probe{os.getpid()}", lambda tmp: Path(tmp).write_text("")).unlink()
+        except OSError as e:
+            raise DataError(folder, f"cannot write there ({e.strerror or e})") from None

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import synth4d.train.vae as tv
 import synth4d.jobs.segment
-from synth4d.cine import UserError, nifti
+from synth4d.cine import DataError, UserError, nifti
 from synth4d.cine.prep import prepare_dataset
 from synth4d.nets.config import VAEConfig, get_preset
 from synth4d.nets.vae import VAE, DiagonalGaussian
@@ -225,3 +225,24 @@ def test_json_output_is_strict(tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert row["lvedv"] == 0.0 and row["lvef"] is None
+
+
+def test_segment_is_all_or_nothing_and_checks_its_outputs_first(tmp_path):
+    """A bad file among good ones leaves no mask behind; outputs under a file or onto a folder are refused
+    before the model runs."""
+    geom = nifti.Geometry.from_spacing((1.5, 1.5, 8.0), frame_ms=40.0)
+    cines = tmp_path / "cines"
+    for name in ("a", "b", "c"):
+        nifti.write(cines / f"{name}.nii.gz", np.zeros((40, 40, 4, 3), np.float32), geom)
+    bad = np.zeros((40, 40, 4, 3), np.float32)
+    bad[0, 0, 0, 0] = np.nan
+    nifti.write(cines / "b.nii.gz", bad, geom)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        list(segment(cines, tmp_path / "masks"))
+    assert not (tmp_path / "masks").exists() or not list((tmp_path / "masks").glob("*.nii.gz"))
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        list(segment(cines / "a.nii.gz", tmp_path / "a_file" / "mask.nii.gz"))
+    (tmp_path / "dir.nii.gz").mkdir()
+    with pytest.raises(UserError, match="is a folder"):
+        list(segment(cines / "a.nii.gz", tmp_path / "dir.nii.gz", overwrite=True))
