@@ -101,10 +101,21 @@ def _manifest(folder):
     path = Path(folder) / "manifest.csv"
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f, strict=True))
+    except (UnicodeDecodeError, csv.Error, OSError) as e:
+        raise DataError(path, f"unreadable manifest ({type(e).__name__})") from None
     if not rows or "id" not in rows[0] or not any(f"requested_{k}" in rows[0] for k in MEASURES):
         raise DataError(path, "not a synth4d manifest (needs id and requested_<measure> columns)")
+    for line, row in enumerate(rows, 2):
+        for k in MEASURES:
+            value = row.get(f"requested_{k}") or ""
+            try:
+                if value and not np.isfinite(float(value)):
+                    raise ValueError
+            except ValueError:
+                raise DataError(path, f"line {line}: requested_{k} {value[:40]!r} is not a finite number") from None
     return {"path": str(path), "rows": {r["id"]: r for r in rows}}
 
 

@@ -269,3 +269,18 @@ def test_image_mask_agreement_scores_the_pairing(tiny_vae, tmp_path, monkeypatch
     # The tiny grid (6 mm) blurs the 5-px RV box and the 3-px ring through resampling there and back.
     assert right["dice"]["LV"] > 0.9 and right["dice"]["MYO"] > 0.7 and right["dice"]["RV"] > 0.4, right
     assert swapped["dice"]["LV"] < right["dice"]["LV"] - 0.15 and swapped["dice"]["MYO"] < right["dice"]["MYO"] - 0.15
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"id,requested_lvedv\nsynth_0000,abc\n", "line 2: requested_lvedv 'abc' is not a finite number"),
+    (b"id,requested_lvedv\nsynth_0000,nan\n", "line 2: requested_lvedv 'nan' is not a finite number"),
+    ("id,requested_lvedv\nsynth_0000,1\n".encode("utf-16"), "unreadable manifest"),
+    (b'id,requested_lvedv\n"synth_0000,1\n', "unreadable manifest"),
+    (b"name\nx\n", "not a synth4d manifest"),
+])
+def test_malformed_manifests_are_refused_naming_the_file(tmp_path, content, why):
+    from synth4d.cine import DataError
+    (tmp_path / "manifest.csv").write_bytes(content)
+    with pytest.raises(DataError, match=why) as info:
+        _manifest(tmp_path)
+    assert info.value.path == str(tmp_path / "manifest.csv")
