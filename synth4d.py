@@ -240,6 +240,9 @@ def generate(out, **kw):
               help="Image-mask agreement: the VAE's mask head on GENERATED images vs the generated masks (Dice).")
 @click.option("--i3d", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="I3D weights (PyTorch state dict or TorchScript export) for true FVD.")
+@click.option("--i3d-torchscript", is_flag=True,
+              help="Allow --i3d to be a TorchScript export (e.g. StyleGAN-V's i3d_torchscript.pt): loading one runs "
+                   "code from the file, so trust its source.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae.safetensors [the shipped weights].")
 @click.option("--device", default="cpu", show_default=True)

@@ -45,7 +45,7 @@ COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, l
 
 
 def evaluate(real, generated=None, fvd=False, control=False, coherence=False, recon=False, agreement=False,
-             i3d=None, weights=None, device="cpu") -> dict:
+             i3d=None, i3d_torchscript=False, weights=None, device="cpu") -> dict:
     """Every requested metric (none requested: all that apply) as a JSON-serialisable dict."""
     if real is None:
         raise UserError("eval needs REAL, a data set to compare against (GENERATED is optional)")
@@ -82,7 +82,7 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     grid = _generated_grid(gen_ds) if gen_ds is not None else None
     if fvd and i3d is not None:
         from synth4d.nets.i3d import load_i3d
-        result["fvd"] = fvd_report(real_ds, gen_ds, grid, i3d_features=load_i3d(i3d, dev), i3d_path=i3d)
+        result["fvd"] = fvd_report(real_ds, gen_ds, grid, i3d_features=load_i3d(i3d, dev, allow_torchscript=i3d_torchscript), i3d_path=i3d)
     elif fvd:
         result["fvd_vae"] = fvd_report(real_ds, gen_ds, vae[1]["grid"], vae=vae, device=dev)
     if control:

@@ -132,6 +132,16 @@ class InceptionI3d(nn.Module):
         return x if return_features else x.softmax(dim=1)
 
 
+def _is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with the model's code in them; torch.save files have none."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in f"/{n}" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _piergiaj_state(obj) -> dict:
     """The tensor dict inside a saved file: a bare state dict, {'state_dict': ...}, 'module.' prefixes stripped."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -164,19 +174,23 @@ class I3DFeatures:
         return torch.cat(out)
 
 
-def load_i3d(path, device="cpu") -> I3DFeatures:
-    """Load I3D weights from a TorchScript export (StyleGAN-V's i3d_torchscript.pt) or a piergiaj state dict.
+def load_i3d(path, device="cpu", allow_torchscript: bool = False) -> I3DFeatures:
+    """Load I3D weights from a piergiaj state dict or, with allow_torchscript, a TorchScript export
+    (StyleGAN-V's i3d_torchscript.pt): loading TorchScript runs code from the file, so it is opt-in.
 
     Raises cine.DataError naming the file when it is neither, or not a 400-class Kinetics model.
     """
     from synth4d.cine import DataError
 
     path = Path(path)
-    try:
-        net = torch.jit.load(str(path), map_location=device)
-        return I3DFeatures(net.eval(), "torchscript", device)
-    except (RuntimeError, ValueError):
-        pass  # not a TorchScript archive: try a state dict
+    if _is_torchscript(path):
+        if not allow_torchscript:
+            raise DataError(path, "a TorchScript export, which runs code from the file when loaded; pass "
+                                  "--i3d-torchscript if you trust it, or give a state dict")
+        try:
+            return I3DFeatures(torch.jit.load(str(path), map_location=device).eval(), "torchscript", device)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(path, f"unreadable TorchScript export ({type(e).__name__})") from None
     try:
         state = _piergiaj_state(torch.load(str(path), map_location="cpu", weights_only=True))
     except Exception as e:  # torch.load raises many types for foreign files
