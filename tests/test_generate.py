@@ -288,3 +288,11 @@ def test_cli_gives_one_line_for_bad_conditions(tiny_weights, tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"synth4d: error: {tmp_path / 'c.csv'}: line 2: frames '2.7' is not "
                                                 "a whole number"]
+
+
+@pytest.mark.parametrize("guidance", ["nan", "inf"])
+def test_non_finite_guidance_is_refused(tiny_weights, tmp_path, guidance):
+    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--guidance", guidance, *FAST,
+                                      str(tmp_path / "o")])
+    assert result.exit_code != 0 and "guidance must be a finite number" in str(result.exception)
+    assert not (tmp_path / "o").exists()
