@@ -5,7 +5,7 @@ OUT/manifest.csv, a folder+CSV data set the loader reads; "acdc" writes OUT/pati
 the phantom does (each folder whole or not at all). Each subject's files are written atomically, then
 its manifest row; a rerun skips complete subjects, so an interrupted job resumes where it stopped.
 While a subject is being written, OUT/.pending/<id> names the process writing it: a rerun redoes a
-subject whose writer was killed, even when some of its files are already there.
+subject whose writer was killed or failed, even when some of its files are already there.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ except ImportError:        # elsewhere: one job per output folder
     fcntl = None
 
 CSV_COLUMNS = ("dx", *MEASURES, "frames")
-PENDING = ".pending"     # OUT/.pending/<id>: the pid of the process writing subject id
+PENDING = ".pending"     # OUT/.pending/<id>: the pid of the process writing subject id, or FAILED
+FAILED = "failed"
 
 
 def read_conditions(path) -> list[tuple[int, dict]]:
@@ -144,10 +145,14 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         subject = model.subject(req, i, seed, sampling)
         sid = _names(i, layout)[0]
         marker = atomic_write(out / PENDING / sid, lambda tmp: Path(tmp).write_text(str(os.getpid())))
-        row = {**manifest_row(sid, subject, req, sampling), "weights": identity,
-               "request": _request_id(req, sampling, identity, seed, i),
-               "files": ";".join(map(str, _write(out, layout, i, subject)))}
-        _write_manifest(out / "manifest.csv", {sid: row})
+        try:
+            row = {**manifest_row(sid, subject, req, sampling), "weights": identity,
+                   "request": _request_id(req, sampling, identity, seed, i),
+                   "files": ";".join(map(str, _write(out, layout, i, subject)))}
+            _write_manifest(out / "manifest.csv", {sid: row})
+        except BaseException:  # an error or an interrupt here: a rerun redoes this subject
+            marker.write_text(FAILED)
+            raise
         marker.unlink()
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
 
@@ -161,10 +166,10 @@ def _request_id(req, sampling, identity, seed, index) -> str:
 def _interrupted(out, sid) -> bool:
     """Whether subject sid was being written by a process that no longer runs."""
     try:
-        pid = int((out / PENDING / sid).read_text())
-    except (OSError, ValueError):
+        text = (out / PENDING / sid).read_text()
+    except OSError:
         return False
-    return not pid_running(pid)
+    return text == FAILED or (text.isdigit() and not pid_running(int(text)))
 
 
 def _write(out, layout, i, subject: Synthetic) -> list:

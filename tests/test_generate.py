@@ -296,3 +296,37 @@ def test_non_finite_guidance_is_refused(tiny_weights, tmp_path, guidance):
                                       str(tmp_path / "o")])
     assert result.exit_code != 0 and "guidance must be a finite number" in str(result.exception)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_fault_at_any_atomic_write_is_completed_by_a_rerun(tiny_weights, tmp_path, monkeypatch):
+    """Raise at the k-th atomic write of a run (probe, pending marker, image, mask, manifest), then rerun the
+    same command: always completes, byte for byte as an uninterrupted run."""
+    import synth4d.cine
+    import synth4d.jobs.generate as g
+    args = ["--weights", tiny_weights, "--n", 1, "--seed", 4, *FAST]
+    run_cli("generate", *args, tmp_path / "whole")
+    expected = {p.relative_to(tmp_path / "whole"): p.read_bytes() for p in (tmp_path / "whole").rglob("*")
+                if p.is_file() and not p.name.startswith(".")}
+    real, k = synth4d.cine.atomic_write, 0
+    while True:
+        k += 1
+        calls = []
+
+        def faulty(*a, **kw):
+            calls.append(1)
+            if len(calls) == k:
+                raise OSError(28, "No space left on device")
+            return real(*a, **kw)
+
+        out = tmp_path / f"fault{k}"
+        for module in (g, synth4d.cine.nifti):
+            monkeypatch.setattr(module, "atomic_write", faulty)
+        result = CliRunner().invoke(cli, ["generate", *map(str, args), str(out)])
+        for module in (g, synth4d.cine.nifti):
+            monkeypatch.setattr(module, "atomic_write", real)
+        if result.exit_code == 0:
+            break   # k is past the last write
+        run_cli("generate", *args, out)
+        got = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
+        assert got == expected, k
+    assert k == 6   # five writes: the probe, then the subject's pending marker, image, mask and manifest

@@ -246,3 +246,52 @@ def test_segment_is_all_or_nothing_and_checks_its_outputs_first(tmp_path):
     (tmp_path / "dir.nii.gz").mkdir()
     with pytest.raises(UserError, match="is a folder"):
         list(segment(cines / "a.nii.gz", tmp_path / "dir.nii.gz", overwrite=True))
+
+
+def test_a_fault_at_any_atomic_write_of_training_is_recovered(phantom, tmp_path, monkeypatch):
+    """Interrupt at the k-th atomic write of a run (run.json, split.json, checkpoints, resume state), then
+    --resume (or start, when nothing was written): the run always ends with the weights, metadata and split of
+    an uninterrupted one."""
+    import synth4d.cine
+    import synth4d.train.common as common
+    import synth4d.weights.checkpoint as checkpoint
+    run = dict(preset="tiny", steps=4, batch_size=2, eval_every=2, cache=tmp_path / "cache")
+    prepare_dataset(phantom, TINY.grid, cache_dir=tmp_path / "cache", progress=False)
+    tv.train_vae(phantom, tmp_path / "whole", **run)
+    names = ("vae.safetensors", "vae_last.safetensors", "split.json")
+
+    def contents(folder):  # safetensors writes its metadata in a per-process order: compare what it holds
+        out = {n: read_checkpoint(folder / n)[::2] for n in names[:2]}
+        return {n: ({k: v.numpy().tobytes() for k, v in state.items()}, meta) for n, (state, meta) in out.items()} | {
+            "split.json": (folder / "split.json").read_bytes()}
+
+    expected = contents(tmp_path / "whole")
+    real, modules, k = synth4d.cine.atomic_write, (tv, common, checkpoint), 0
+    while True:
+        k += 1
+        calls = []
+
+        def faulty(*a, **kw):
+            calls.append(1)
+            if len(calls) == k:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        out = tmp_path / f"fault{k}"
+        for m in modules:
+            monkeypatch.setattr(m, "atomic_write", faulty)
+        try:
+            tv.train_vae(phantom, out, **run)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        for m in modules:
+            monkeypatch.setattr(m, "atomic_write", real)
+        if finished:
+            break
+        try:
+            tv.train_vae(phantom, out, resume=True, **{**run, "steps": None})
+        except UserError:   # nothing written yet: start it
+            tv.train_vae(phantom, out, **run)
+        assert contents(out) == expected, k
+    assert k == 9   # run.json, split.json, then last and best checkpoints and the resume state, twice
