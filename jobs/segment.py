@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth4d.cine import DataError, UserError, atomic_write
+from synth4d.cine import DataError, UserError
 from synth4d.cine.measures import ejection_fraction, volume_curve
 from synth4d.cine.nifti import peek, read, write
 from synth4d.cine.prep import prepare_image, to_source
@@ -67,9 +67,9 @@ def segment(image, out, weights=None, device="cpu", overwrite=False):
     if existing and not overwrite:
         raise UserError(f"{existing[0]} exists{f' (and {len(existing) - 1} more)' if len(existing) > 1 else ''}; "
                         "pass --overwrite to replace")
-    _check_places(plan)
     for src_path, _ in plan:
         peek(src_path, ndim=4)
+    _check_places(plan)
     model, meta = load_vae(path, device)
     if "grid" not in meta:
         raise DataError(path, "VAE checkpoint lacks its training grid; use one written by synth4d train-vae")
@@ -102,8 +102,5 @@ def _check_places(plan) -> None:
         folder = next((p for p in [dest.parent, *dest.parent.parents] if p.exists()), None)
         if folder is not None and not folder.is_dir():
             raise UserError(f"{folder} is a file, so {dest} cannot be written")
-    for folder in {dest.parent for _, dest in plan}:
-        try:
-            atomic_write(folder / f".probe{os.getpid()}", lambda tmp: Path(tmp).write_text("")).unlink()
-        except OSError as e:
-            raise DataError(folder, f"cannot write there ({e.strerror or e})") from None
+        if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+            raise DataError(folder, "cannot write there (permission denied)")

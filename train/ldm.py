@@ -59,17 +59,16 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     total = run["steps"] = run["steps"] or defaults.steps
     bs = run["batch_size"] = run["batch_size"] or defaults.batch_size
     peak = run["lr"] = run["lr"] or defaults.lr
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
-
     subjects, vae_meta = encode_dataset(data, run["vae"], cache=cache, skip_bad=skip_bad, device=device)
+    if vae_meta["grid"] != p.grid:
+        raise UserError(f"the VAE {run['vae']} was trained on another grid than preset {p.name!r}")
+    # The run folder is made once the data are known to be usable: a refused data set leaves nothing behind.
+    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
     by_id = {s.id: s for s in subjects}
     train_ids, val_ids = (read_split(out, by_id) if restore else write_split(out, list(by_id), VAL_FRACTION, run["seed"]))
     train, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
     dx_vocab = sorted({s.dx for s in train if s.dx})
     cfg = dataclasses.replace(getattr(p, stage), dx_vocab=tuple(dx_vocab))
-    if vae_meta["grid"] != p.grid:
-        raise UserError(f"the VAE {run['vae']} was trained on another grid than preset {p.name!r}")
     norm = normaliser([s.values() for s in train], cfg.scalars)
     task.fit(train)
 

@@ -53,12 +53,11 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     run["batch_size"] = run["batch_size"] or p.train_vae.batch_size
     run["lr"] = run["lr"] or p.train_vae.lr
     total, bs, seed = run["steps"], run["batch_size"], run["seed"]
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
-
     subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad)}
     if len(subjects) < 2:
         raise UserError(f"{data} holds {len(subjects)} usable subject; the VAE needs at least 2 (one is held out)")
+    # The run folder is made once the data are known to be usable: a refused data set leaves nothing behind.
+    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
     train_ids, val_ids = (read_split(out, subjects) if restore
                           else write_split(out, list(subjects), VAL_FRACTION, seed))
     train, val = [subjects[i] for i in train_ids], [subjects[i] for i in val_ids]
