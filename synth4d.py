@@ -246,16 +246,18 @@ def generate(out, **kw):
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae.safetensors [the shipped weights].")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout (the table then goes to stderr).")
 def evaluate(real, generated, **kw):
     """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply."""
     from synth4d.jobs.evaluate import evaluate as run
     from synth4d.jobs.report import format_table
     as_json = kw.pop("as_json")
     result = run(real, generated, **kw)
-    click.echo(format_table(result), err=True)
     if as_json:
+        click.echo(format_table(result), err=True)
         _echo_json(result)
+    else:
+        click.echo(format_table(result))
 
 
 def main():

@@ -135,7 +135,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
                                 f"steps, guidance, keyframes, weights or seed); pass --overwrite or another OUT")
             files = [out / p for p in done["files"].split(";")]
             if all(p.exists() for p in files):
-                yield {**done, "files": [str(p) for p in files], "skipped": True}
+                yield {**_typed(done), "files": [str(p) for p in files], "skipped": True}
                 continue
         if not overwrite and (out / image_rel).exists() and not _interrupted(out, sid):
             raise UserError(f"{out / image_rel} exists and is not in {out / 'manifest.csv'}; pass --overwrite")
@@ -197,6 +197,19 @@ def _write(out, layout, i, subject: Synthetic) -> list:
 
     atomic_folder(out / sid, write_folder)
     return [Path(sid) / name for name in names]
+
+
+INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
+FLOAT_COLUMNS = {"slice_mm", "guidance", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
+
+
+def _typed(row: dict) -> dict:
+    """A manifest row as read back (strings) with the types a new row has, so --json rows look alike."""
+    def value(k, v):
+        if v == "" or (k not in INT_COLUMNS and k not in FLOAT_COLUMNS):
+            return v
+        return int(v) if k in INT_COLUMNS else float(v)
+    return {k: value(k, v) for k, v in row.items()}
 
 
 def _check_output(out: Path) -> None:

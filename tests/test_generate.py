@@ -68,6 +68,8 @@ def test_rerun_skips_complete_subjects_and_never_overwrites(tiny_weights, tmp_pa
     result = run_cli("generate", "--weights", tiny_weights, "--n", 3, "--json", *FAST, out)
     rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
     assert [r.get("skipped", False) for r in rows] == [True, True, False]
+    # Skipped rows (read back from the manifest) have the types of new ones.
+    assert {k: type(v) for k, v in rows[0].items() if k != "skipped"} == {k: type(v) for k, v in rows[2].items()}
     assert (out / "synth_0001.nii.gz").stat().st_mtime_ns == first
     # Another request into the same folder would silently mix two runs: refused, whatever differs.
     for change in (["--seed", "5"], ["--dx", "HCM"], ["--lvedv", "150"], ["--frames", "6"], ["--steps", "4"],
