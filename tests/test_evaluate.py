@@ -231,7 +231,7 @@ def test_cli_json_on_stdout_table_on_stderr(tiny_phantom, fake_set):
     assert "controllability" in result.stderr and "temporal coherence" in result.stderr
     # Without --json the table is the data: on stdout, so `synth4d eval a b --control > table.txt` keeps it.
     result = CliRunner().invoke(cli, args[:-1])
-    assert result.exit_code == 0 and "controllability" in result.stdout and "controllability" not in result.stderr
+    assert result.exit_code == 0 and "diagnosis criteria met" in result.stdout and "criteria met" not in result.stderr
 
 
 def test_eval_end_to_end_on_generated_subjects(tiny_phantom, tiny_weights, tmp_path):
