@@ -22,6 +22,12 @@ class UserError(Exception):
     """A bad request that is not about one file (an impossible prior, an unknown diagnosis)."""
 
 
+def first_line(e: Exception) -> str:
+    """An exception's message cut to one short line, for a one-line error (some messages are empty)."""
+    lines = str(e).splitlines()
+    return lines[0][:120] if lines else type(e).__name__
+
+
 LABELS = {0: "background", 1: "RV", 2: "MYO", 3: "LV"}  # ACDC convention, used everywhere inside the tool
 DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")  # ACDC groups; None means unknown
 

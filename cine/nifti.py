@@ -14,7 +14,7 @@ from typing import Optional
 import nibabel as nib
 import numpy as np
 
-from synth4d.cine import DataError, atomic_write
+from synth4d.cine import DataError, atomic_write, first_line
 
 _TIME_TO_MS = {"sec": 1000.0, "msec": 1.0, "usec": 1e-3}
 
@@ -42,11 +42,6 @@ class Geometry:
 MAX_VOXELS = 1 << 28            # 268M: more than a 512 x 512 x 32-slice x 32-frame cine; no cine comes near
 SPACING_MM = (0.01, 100.0)      # plausible voxel sizes; a header outside claims metres or microns
 STREAM_CHECK_BYTES = 1 << 26    # above this, the data a compressed file claims is counted before it is allocated
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).splitlines()
-    return lines[0][:120] if lines else "no message"
 
 
 def _open(path: Path, check_data: bool):
@@ -127,7 +122,7 @@ def read(path, ndim=None, kind="image"):
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for truncated / foreign files
-        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})") from None
+        raise DataError(path, f"not a readable NIfTI file ({type(e).__name__}: {first_line(e)})") from None
     data = data.reshape(_dims(path, data.shape, ndim))
     zooms = img.header.get_zooms()
     spacing = tuple(float(z) for z in zooms[:3])

@@ -139,15 +139,14 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
                 continue
         if not overwrite and (out / image_rel).exists() and not _interrupted(out, sid):
             raise UserError(f"{out / image_rel} exists and is not in {out / 'manifest.csv'}; pass --overwrite")
-        pending.append((i, req))
+        pending.append((i, req, request))
 
-    for i, req in tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending):
+    for i, req, request in tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending):
         subject = model.subject(req, i, seed, sampling)
         sid = _names(i, layout)[0]
         marker = atomic_write(out / PENDING / sid, lambda tmp: Path(tmp).write_text(str(os.getpid())))
         try:
-            row = {**manifest_row(sid, subject, req, sampling), "weights": identity,
-                   "request": _request_id(req, sampling, identity, seed, i),
+            row = {**manifest_row(sid, subject, req, sampling), "weights": identity, "request": request,
                    "files": ";".join(map(str, _write(out, layout, i, subject)))}
             _write_manifest(out / "manifest.csv", {sid: row})
         except BaseException:  # an error or an interrupt here: a rerun redoes this subject
@@ -164,7 +163,7 @@ def _request_id(req, sampling, identity, seed, index) -> str:
 
 
 def _interrupted(out, sid) -> bool:
-    """Whether subject sid was being written by a process that no longer runs."""
+    """Whether subject sid was being written by a process that failed or no longer runs."""
     try:
         text = (out / PENDING / sid).read_text()
     except OSError:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from synth4d.cine import DataError, UserError, atomic_write
+from synth4d.cine import DataError, UserError, atomic_write, first_line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ def load_state(path, model, optimizer, ema_model) -> tuple[int, dict]:
         optimizer.load_state_dict(state["optimizer"])
         ema_model.load_state_dict(state["ema"])
     except Exception as e:  # unpickling and state-dict mismatches raise many types
-        raise DataError(path, f"unusable resume state ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise DataError(path, f"unusable resume state ({type(e).__name__}: {first_line(e)})") from None
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])

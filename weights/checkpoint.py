@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from synth4d.cine import DataError, UserError, atomic_write
+from synth4d.cine import DataError, UserError, atomic_write, first_line
 from synth4d.nets.config import GridConfig, UNetConfig, VAEConfig
 from synth4d.nets.device import select_device
 from synth4d.nets.diffusion import make_schedule
@@ -119,7 +119,7 @@ def _build(path, cls, cfg, state: dict):
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in cls(cfg).state_dict().items()}
     except (TypeError, ValueError, RuntimeError) as e:
-        raise DataError(path, f"unusable network config ({_first_line(e)})") from None
+        raise DataError(path, f"unusable network config ({first_line(e)})") from None
     given = {k: tuple(v.shape) for k, v in state.items()}
     if shapes != given:
         key = next(k for k in sorted(set(shapes) | set(given)) if shapes.get(k) != given.get(k))
@@ -128,11 +128,6 @@ def _build(path, cls, cfg, state: dict):
     model = cls(cfg)
     model.load_state_dict(state)
     return model
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).splitlines()
-    return lines[0][:120] if lines else type(e).__name__
 
 
 def unet_config(path, config: dict) -> UNetConfig:
@@ -145,7 +140,7 @@ def unet_config(path, config: dict) -> UNetConfig:
     try:
         return config_from_dict(UNetConfig, config)
     except (TypeError, ValueError) as e:
-        raise DataError(path, f"unusable denoiser config ({_first_line(e)})") from None
+        raise DataError(path, f"unusable denoiser config ({first_line(e)})") from None
 
 
 def load_vae(path, device="cpu") -> tuple[VAE, dict]:
@@ -157,7 +152,7 @@ def load_vae(path, device="cpu") -> tuple[VAE, dict]:
         if "grid" in meta:
             meta["grid"] = config_from_dict(GridConfig, meta["grid"])
     except (TypeError, ValueError, AttributeError) as e:
-        raise DataError(path, f"unusable VAE config or grid ({_first_line(e)})") from None
+        raise DataError(path, f"unusable VAE config or grid ({first_line(e)})") from None
     scale = meta.get("scale", 1.0)
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise DataError(path, f"latent scale {scale!r} is not a positive number")
