@@ -39,7 +39,7 @@ class Geometry:
         return Geometry(affine, tuple(float(s) for s in spacing), frame_ms)
 
 
-MAX_VOXELS = 1 << 28            # 268M: more than a 512 x 512 x 32-slice x 32-frame cine; no cine comes near
+MAX_VOXELS = 1 << 28            # 268M, a 512 x 512 x 32-slice x 32-frame cine: real cines are far smaller
 SPACING_MM = (0.01, 100.0)      # plausible voxel sizes; a header outside claims metres or microns
 STREAM_CHECK_BYTES = 1 << 26    # above this, the data a compressed file claims is counted before it is allocated
 
