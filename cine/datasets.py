@@ -163,6 +163,9 @@ def _folder_ref(image: Path, rows: dict, csv_path: Optional[Path]) -> SubjectRef
         ed = _frame(csv_path, f"{sid}: ed", row.get("ed"), n, base=0, required=False) or 0
         es = _frame(csv_path, f"{sid}: es", row.get("es"), n, base=0, required=False)
         dx = _dx(row.get("dx"))
+        if dx is not None and dx not in DIAGNOSES:   # as in ACDC's Info.cfg: a typo is not a new group
+            raise DataError(csv_path, f"{sid}: unknown dx {row['dx']!r} (expected one of {', '.join(DIAGNOSES)}, "
+                                      "or empty for unknown)")
         meta = {k: v for k, v in row.items() if v and k not in ("subject", "id", "dx", "ed", "es")}
         meta.update(_numbers(csv_path, row, ("height", "weight"), prefix=f"{sid}: "))
     else:

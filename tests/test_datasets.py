@@ -335,6 +335,7 @@ BAD_TABLES = {
     "a 200 kB field": (b"subject,dx\na," + b"x" * 200_000 + b"\n", "line 2: not a well-formed CSV row"),
     "an id twice": (b"subject,dx\na,NOR\nb,DCM\na,HCM\n", "line 4: subject 'a' appears twice \\(also line 2\\)"),
     "a longer row": (b"subject,dx\na,NOR,extra\n", "line 2: 3 fields for 2 columns"),
+    "an unknown diagnosis": (b"subject,dx\na,NRO\n", "a: unknown dx 'NRO'"),
 }
 
 
