@@ -25,9 +25,11 @@ from synth4d.cine import DataError, UserError  # noqa: E402  (needs __path__)
 from synth4d.cine.measures import MEASURES  # noqa: E402
 PRESET_NAMES = ("tiny", "cpu", "paper")
 DATA = click.Path(exists=True, file_okay=False, path_type=Path)
+DEVICE = click.option("--device", default="auto", show_default=True,
+                      help="torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:1, mps.")
 
 
-def load(weights=None, device: str = "cpu"):
+def load(weights=None, device: str = "auto"):
     """The Python API: a Synthesizer (synth4d.jobs.synthesize) on the weights in folder `weights`
     (vae/static/motion .safetensors), else the shipped ones. `.generate(dx=..., lvedv=..., seed=...)`
     returns one subject: image and mask (X, Y, Z, T) arrays, affine, spacing, requested and measured values."""
@@ -50,7 +52,7 @@ def _common_train(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Batch size [preset default]."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate [preset default]."),
         click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
-        click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1."),
+        DEVICE,
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, initialisation and batches."),
         click.option("--skip-bad", is_flag=True, help="Skip subjects whose files are unusable (listed on stderr) instead of stopping."),
         click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -131,7 +133,7 @@ def train_vae(data, out, **kw):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="vae.safetensors [the shipped default].")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE
 @click.option("--json", "as_json", is_flag=True, help="Print measures as JSON lines on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def segment(image, out, weights, device, as_json, overwrite):
@@ -211,7 +213,7 @@ def _prior_options(f):
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; subject i uses a seed derived from it and i.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae/static/motion .safetensors [the shipped weights].")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE
 @click.option("--layout", type=click.Choice(("flat", "acdc")), default="flat", show_default=True,
               help="flat: OUT/subj_NNN_image.nii.gz + _mask; acdc: a data set the loader reads back.")
 @click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="Index of the first subject (regenerate one alone).")
@@ -245,7 +247,7 @@ def generate(out, **kw):
                    "code from the file, so trust its source.")
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae.safetensors [the shipped weights].")
-@click.option("--device", default="cpu", show_default=True)
+@DEVICE
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout (the table then goes to stderr).")
 def evaluate(real, generated, **kw):
     """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply."""

@@ -75,7 +75,7 @@ def _read_latent(path: Path, frames: int):
 
 
 @torch.no_grad()
-def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="cpu", batch=16) -> tuple[list, dict]:
+def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="auto", batch=16) -> tuple[list, dict]:
     """-> (list[LatentSubject], vae meta). Each subject's latent is cached under cache/latents/<VAE>/,
     so adding subjects to a data set encodes only the new ones."""
     dev = select_device(device)

@@ -45,7 +45,7 @@ COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, l
 
 
 def evaluate(real, generated=None, fvd=False, control=False, coherence=False, recon=False, agreement=False,
-             i3d=None, i3d_torchscript=False, weights=None, device="cpu") -> dict:
+             i3d=None, i3d_torchscript=False, weights=None, device="auto") -> dict:
     """Every requested metric (none requested: all that apply) as a JSON-serialisable dict."""
     if real is None:
         raise UserError("eval needs REAL, a data set to compare against (GENERATED is optional)")

@@ -102,7 +102,7 @@ def _names(i, layout):
 
 
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
-             guidance=2.0, seed=0, keyframes=12, weights=None, device="cpu", layout="flat", start=0, overwrite=False,
+             guidance=2.0, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
              **given):
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)

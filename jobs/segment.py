@@ -50,7 +50,7 @@ def _plan(image: Path, out: Path) -> list[tuple[Path, Path]]:
     return [(image, out / f"{_stem(image)}_mask.nii.gz")]
 
 
-def segment(image, out, weights=None, device="cpu", overwrite=False):
+def segment(image, out, weights=None, device="auto", overwrite=False):
     """Segment each 4D cine in `image` (a file or a folder) into `out`; yields one result dict per input.
 
     Each dict holds input, mask (the written path), lvedv/lvesv/rvedv/rvesv (mL), lvef/rvef (%),

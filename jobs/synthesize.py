@@ -148,7 +148,7 @@ class Synthesizer:
         return self.subject(request, index, seed, sampling)
 
 
-def load(weights=None, device: str = "cpu") -> Synthesizer:
+def load(weights=None, device: str = "auto") -> Synthesizer:
     """A Synthesizer on the weights in folder `weights` (vae/static/motion .safetensors), else the shipped ones."""
     return Synthesizer(load_chain(weights, device))
 

@@ -167,3 +167,10 @@ def test_edited_weights_are_refused_in_one_line(tiny_weights, tmp_path, case):
     _edited(src, folder / f"{stage}.safetensors", **edit)
     with pytest.raises(DataError, match=why):
         load_chain(folder)
+
+
+def test_auto_device_is_the_best_one_here():
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    with pytest.raises(UserError, match="use auto, cpu"):
+        select_device("gpu0")

@@ -37,7 +37,7 @@ N_BUCKETS = 4
 
 
 def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False,
-              device="cpu", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None) -> str:
+              device="auto", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None) -> str:
     """Train one latent diffusion stage; returns the path of out/<stage>.safetensors (the EMA weights).
 
     init: a <stage>.safetensors to start from (fine-tuning): its weights, condition normalisation and

@@ -38,7 +38,7 @@ EVAL_FRAMES = 8      # held-out frames per subject spread over the cycle, beside
 STRUCTURES = (1, 2, 3)
 
 
-def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="cpu",
+def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="auto",
               seed=0, skip_bad=False, cache=None, eval_every=500) -> str:
     """Train the VAE on the data set in `data`; returns the path of the best checkpoint (out/vae.safetensors)."""
     from synth4d.cine.prep import prepare_dataset
