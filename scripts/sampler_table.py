@@ -54,14 +54,29 @@ def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights)
     return {**json.loads(report.read_text()), "timing": json.loads(seconds.read_text())}
 
 
+def figures(r: dict) -> dict:
+    """The figures the table compares, by name."""
+    c, g = r["control"], r["coherence"]["generated"]
+    out = {f"{k} {m}": c["priors"][k][m] for k in MEASURES for m in ("r", "mae")}
+    return {**out, "diagnosis": c["diagnosis"]["rate"], "fvd_vae": r["fvd_vae"]["value"],
+            "image change": g["image_change"], "ES phase sd": g["es_phase_sd"]}
+
+
 def row(setting: str, r: dict) -> str:
-    c, coh = r["control"], r["coherence"]
-    cells = [f"{c['priors'][k]['r']:.3f} / {c['priors'][k]['mae']:.1f}" for k in MEASURES]
-    t = r["timing"]
-    cells += [f"{c['diagnosis']['rate']:.2f}", f"{r['fvd_vae']['value']:.2f}",
-              f"{coh['generated']['image_change']:.4f}", f"{coh['generated']['es_phase_sd']:.3f}",
+    f, t = figures(r), r["timing"]
+    cells = [f"{f[k + ' r']:.3f} / {f[k + ' mae']:.1f}" for k in MEASURES]
+    cells += [f"{f['diagnosis']:.2f}", f"{f['fvd_vae']:.2f}", f"{f['image change']:.4f}", f"{f['ES phase sd']:.3f}",
               f"{t['seconds'] / t['subjects']:.2f}"]
     return f"| {setting} | " + " | ".join(cells) + " |"
+
+
+def within_noise(results: dict, reference: str, repeat: str) -> dict:
+    """Per setting, the figures that differ from `reference` by more than `repeat` (the same setting with
+    another seed) does: the run-to-run noise, measured once per figure."""
+    ref, noise = figures(results[reference]), figures(results[repeat])
+    noise = {k: abs(noise[k] - ref[k]) for k in ref}
+    return {s: [k for k, v in figures(r).items() if abs(v - ref[k]) > noise[k]] for s, r in results.items()
+            if s not in (reference, repeat)}
 
 
 def main():
@@ -84,6 +99,11 @@ def main():
     print("|" + "---|" * len(head))
     for setting, r in results.items():
         print(row(setting, r))
+    reference, repeat = args.settings[:2]
+    if reference.split(":")[:3] == repeat.split(":")[:3]:
+        print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of {reference}:")
+        for setting, outside in within_noise(results, reference, repeat).items():
+            print(f"  {setting}: {', '.join(outside) if outside else 'none'}")
 
 
 if __name__ == "__main__":

@@ -177,9 +177,10 @@ def test_manifest_updates_keep_the_rows_another_job_wrote(tmp_path):
     # Two jobs side by side into one folder: each knows only its own subjects when it writes.
     from synth4d.jobs.generate import _read_manifest, _write_manifest
     path = tmp_path / "manifest.csv"
-    _write_manifest(path, {"synth_0000": {"id": "synth_0000", "seed": 1}})
-    _write_manifest(path, {"synth_0002": {"id": "synth_0002", "seed": 3, "attempts": 1}})
-    _write_manifest(path, {"synth_0000": {"id": "synth_0000", "seed": 2}})   # a row is replaced, not repeated
+    row = lambda sid, seed, attempts=1: {"id": sid, "seed": seed, "attempts": attempts, "files": f"{sid}.nii.gz"}  # noqa: E731
+    _write_manifest(path, {"synth_0000": row("synth_0000", 1)})
+    _write_manifest(path, {"synth_0002": row("synth_0002", 3)})
+    _write_manifest(path, {"synth_0000": row("synth_0000", 2)})   # a row is replaced, not repeated
     rows = _read_manifest(path)
     assert sorted(rows) == ["synth_0000", "synth_0002"] and rows["synth_0000"]["seed"] == "2"
     assert rows["synth_0002"]["attempts"] == "1" and not list(tmp_path.glob(".tmp*"))
