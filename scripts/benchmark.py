@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps of the reference setting and of the paper ratio")
     ap.add_argument("--subjects", type=int, default=3)
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
+    ap.add_argument("--compare", nargs="*", default=["dpmpp_2m:15:12", "dpmpp_2m:10:12", "dpmpp_2m:10:8"],
+                    help="sampler:steps:keyframes settings timed beside DDIM (and the default), with their ratio")
     ap.add_argument("--skip-paper", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -137,27 +139,31 @@ def main():
                         norm(motion.cfg), p.grid, {})
     values = {"dx": static.cfg.dx_vocab[0], **{k: 0.0 for k in static.cfg.scalars + motion.cfg.scalars}}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER])
-    settings = [("ddim", args.steps)] + ([default] if default != ("ddim", args.steps) else [])
+    reference = ("ddim", args.steps, args.keyframes)
+    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], args.keyframes)
+    settings = list(dict.fromkeys([reference, default] + [(s, int(n), int(k)) for s, n, k in
+                                                          (c.split(":") for c in args.compare)]))
     medians = {}
-    for sampler, steps in settings:
+    for sampler, steps, keyframes in settings:
         per_subject, stages = [], []
         for i in range(args.subjects):
             timings = {}
             t = time.perf_counter()
             chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=steps,
-                           guidance=2.0, keyframes=args.keyframes, timings=timings, sampler=sampler)
+                           guidance=2.0, keyframes=keyframes, timings=timings, sampler=sampler)
             per_subject.append(time.perf_counter() - t)
             stages.append(timings)
-        medians[sampler, steps] = statistics.median(per_subject)
-        print(f"\ngeneration, {args.frames}-frame subject, {args.keyframes or args.frames} motion keyframes, "
+        medians[sampler, steps, keyframes] = statistics.median(per_subject)
+        print(f"\ngeneration, {args.frames}-frame subject, {keyframes or args.frames} motion keyframes, "
               f"{sampler} {steps} steps per model, guidance 2 (median of {args.subjects}): "
-              f"{medians[sampler, steps]:.2f} s")
+              f"{medians[sampler, steps, keyframes]:.2f} s"
+              + (" (the default)" if (sampler, steps, keyframes) == default else ""))
         for k in ("static", "motion", "decode"):
             print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
-    if len(settings) == 2:
-        print(f"default ({default[0]} {default[1]}) / ddim {args.steps}: "
-              f"{medians[default] / medians['ddim', args.steps]:.2f} of the time")
+    for setting, seconds in medians.items():
+        if setting != reference:
+            print(f"{':'.join(map(str, setting))} / {':'.join(map(str, reference))}: "
+                  f"{seconds / medians[reference]:.2f} of the time")
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
 
