@@ -5,7 +5,6 @@ import gzip
 
 import nibabel as nib
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from synth4d.cine import DataError, nifti

@@ -1,7 +1,6 @@
 """The shared UNet denoiser on tiny configs with odd latent sizes (B, C, X, Y, Z) = (B, 2, 6, 10, 5)."""
 import dataclasses
 
-import pytest
 import torch
 
 from synth4d.nets.config import UNetConfig

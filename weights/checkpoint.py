@@ -212,8 +212,8 @@ def load_chain(folder=None, device="cpu") -> Generator4D:
             raise ValueError("the three networks do not belong together (latent channels, diagnoses or priors)")
         chain = Generator4D(vae.to(memory_format=torch.channels_last_3d),
                             static.to(memory_format=torch.channels_last_3d),
-                            motion.to(memory_format=torch.channels_last_3d), sched, float(smeta["vae_scale"]),
-                            float(mmeta["residual_scale"]), (grid.size // vae.cfg.factor,) * 2 + (grid.slices,),
+                            motion.to(memory_format=torch.channels_last_3d), sched, *scales,
+                            (grid.size // vae.cfg.factor,) * 2 + (grid.slices,),
                             norms[0], norms[1], grid, smeta["priors"], pred=smeta["pred"])
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(folder, f"checkpoint metadata incomplete or invalid ({type(e).__name__}: {e})") from None
