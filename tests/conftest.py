@@ -41,3 +41,15 @@ def tiny_weights(tiny_phantom, tmp_path_factory):
     for stage in ("vae", "static", "motion"):
         shutil.copy(runs / stage / f"{stage}.safetensors", folder / f"{stage}.safetensors")
     return folder
+
+
+def fails_at(k, real, error):
+    """`real` wrapped to raise `error` on its k-th call (1-based) and behave as itself otherwise."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise error
+        return real(*args, **kwargs)
+    return wrapped

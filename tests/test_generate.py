@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from synth4d.cine import nifti
 from synth4d.cine.datasets import scan
 from synth4d import cli
-from tests.conftest import run_cli
+from tests.conftest import fails_at, run_cli
 
 FAST = ["--frames", "5", "--steps", "3"]
 
@@ -313,13 +313,7 @@ def test_a_fault_at_any_atomic_write_is_completed_by_a_rerun(tiny_weights, tmp_p
     real, k = synth4d.cine.atomic_write, 0
     while True:
         k += 1
-        calls = []
-
-        def faulty(*a, **kw):
-            calls.append(1)
-            if len(calls) == k:
-                raise OSError(28, "No space left on device")
-            return real(*a, **kw)
+        faulty = fails_at(k, real, OSError(28, "No space left on device"))
 
         out = tmp_path / f"fault{k}"
         for module in (g, synth4d.cine.nifti):

@@ -17,6 +17,7 @@ from synth4d.nets.vae import VAE, DiagonalGaussian
 from synth4d import cli
 from synth4d.weights.checkpoint import load_vae, read_checkpoint, save_checkpoint
 from synth4d.jobs.segment import segment
+from tests.conftest import fails_at
 
 TINY = get_preset("tiny")
 
@@ -269,13 +270,7 @@ def test_a_fault_at_any_atomic_write_of_training_is_recovered(phantom, tmp_path,
     real, modules, k = synth4d.cine.atomic_write, (tv, common, checkpoint), 0
     while True:
         k += 1
-        calls = []
-
-        def faulty(*a, **kw):
-            calls.append(1)
-            if len(calls) == k:
-                raise KeyboardInterrupt
-            return real(*a, **kw)
+        faulty = fails_at(k, real, KeyboardInterrupt)
 
         out = tmp_path / f"fault{k}"
         for m in modules:

@@ -1,8 +1,8 @@
 """The training loop both latent diffusion stages share; static.py and motion.py say what to learn.
 
 A stage is a task object: its `stage` name and a `batch` method that turns encoded subjects into
-(x0, cond, ctx), plus `fit`/`meta`/`load_meta` for what it measures on the data. Everything else — encoding the data once, the split,
-condition normalisation, CFG dropout, v-prediction on a cosine schedule, EMA, warmup, gradient
+(x0, cond, ctx), plus `fit`/`meta`/`load_meta` for what it measures on the data. Everything else —
+encoding the data once, the split, condition normalisation, CFG dropout, v-prediction on a cosine schedule, EMA, warmup, gradient
 clipping, per-timestep-bucket loss logs, a held-out loss at fixed noise, checkpoints and exact
 resume — is the same for both and lives here.
 Tensor axes: (B, C, X, Y, Z) latents; cond is a dict of (B,) / (B, S) tensors (see nets.conditions).
