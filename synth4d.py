@@ -240,6 +240,30 @@ def generate(out, **kw):
 @click.option("--recon", is_flag=True, help="VAE reconstruction on REAL: PSNR, SSIM, Dice, HD95.")
 @click.option("--agreement", is_flag=True,
               help="Image-mask agreement: the VAE's mask head on GENERATED images vs the generated masks (Dice).")
+@click.option("--realism", is_flag=True,
+              help="Realism and sharpness: a compact segmenter fitted on REAL's labelled frames scores GENERATED "
+                   "(and VAE round trips of held-out REAL) against their masks; minutes.")
+@click.option("--memorisation", is_flag=True,
+              help="Distance of each GENERATED subject's ED latent to the nearest REAL (training) subject, "
+                   "against real subjects not in REAL; flags copies.")
+@click.option("--heldout", type=DATA, default=None,
+              help="Real subjects not in REAL, the --memorisation reference [leave-one-out over REAL].")
+@click.option("--downstream", is_flag=True,
+              help="Fit the compact segmenter on --train alone and with --synthetic added; score both on --test.")
+@click.option("--train", type=DATA, default=None, help="--downstream: labelled real training set [REAL].")
+@click.option("--synthetic", type=DATA, default=None, help="--downstream: synthetic set to add [GENERATED].")
+@click.option("--test", type=DATA, default=None, help="--downstream: labelled target set (e.g. another vendor).")
+@click.option("--ratio", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="--downstream: synthetic slices per real slice in each batch.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="--downstream: fits per arm (seeds 0..N-1).")
+@click.option("--seg-steps", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Training steps of each compact-segmenter fit (--realism, --downstream).")
+@click.option("--seg-spacing", type=click.FloatRange(min=0.3, max=5.0), default=1.5, show_default=True,
+              help="--downstream: in-plane spacing (mm) of the segmenter's grid.")
+@click.option("--seg-size", type=click.IntRange(min=16, max=512), default=96, show_default=True,
+              help="--downstream: in-plane size of the segmenter's grid (rounded up to a multiple of 8).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the realism judge's fit and held-out split.")
 @click.option("--i3d", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="I3D weights (PyTorch state dict or TorchScript export) for true FVD.")
 @click.option("--i3d-torchscript", is_flag=True,
@@ -250,7 +274,14 @@ def generate(out, **kw):
 @DEVICE
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout (the table then goes to stderr).")
 def evaluate(real, generated, **kw):
-    """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply."""
+    """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply
+    except the fitted ones (--realism, --memorisation, --downstream).
+
+    \b
+      synth4d eval real/ gen/ --realism                 # does a real-trained segmenter see the structures?
+      synth4d eval train/ gen/ --memorisation           # does GENERATED copy REAL (its training set)?
+      synth4d eval --downstream --train A/ --synthetic gen/ --test B/   # does GENERATED help on vendor B?
+    """
     from synth4d.jobs.evaluate import evaluate as run
     from synth4d.jobs.report import format_table
     as_json = kw.pop("as_json")

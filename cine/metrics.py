@@ -36,13 +36,34 @@ def surface(mask) -> np.ndarray:
     return mask & ~interior
 
 
-def _nearest_distances(p, q, chunk_elems=1 << 20) -> np.ndarray:
-    """For each point of p (n, d), the distance to the nearest point of q (m, d); brute force, chunked."""
-    out = np.empty(len(p), dtype=np.float64)
-    rows = max(1, chunk_elems // max(len(q), 1))
-    for i in range(0, len(p), rows):
-        d2 = ((p[i:i + rows, None, :] - q[None, :, :]) ** 2).sum(-1)  # (rows, m)
-        out[i:i + rows] = np.sqrt(d2.min(axis=1))
+def _nearest_distances(p, q, step: float) -> np.ndarray:
+    """For each point of p (n, d), the distance to the nearest point of q (m, d); exact.
+
+    Both are voxel positions in mm on one grid whose last axis has spacing `step`. Points are taken
+    one last-axis layer of p at a time, against the layers of q in order of distance, and a layer is
+    skipped once every point's nearest so far is no farther than the layer itself: at short-axis
+    slice spacing almost every nearest point is in the same or the next slice. Squared in-layer
+    distances are |p|^2 + |q|^2 - 2 p.q, about the layers' mean, in float64.
+    """
+    layer_p = np.round(p[:, -1] / step).astype(np.int64)
+    layer_q = np.round(q[:, -1] / step).astype(np.int64)
+    q_layers = {k: q[layer_q == k, :-1] for k in np.unique(layer_q)}
+    out = np.full(len(p), np.inf)
+    for k in np.unique(layer_p):
+        rows = np.flatnonzero(layer_p == k)
+        pk = p[rows, :-1]
+        best = np.full(len(rows), np.inf)
+        for dk in sorted(q_layers, key=lambda j: abs(j - k)):
+            dz2 = ((dk - k) * step) ** 2
+            open_ = best > dz2
+            if not open_.any():
+                break
+            qk = q_layers[dk]
+            centre = qk.mean(axis=0)
+            a, b = pk[open_] - centre, qk - centre
+            d2 = (a * a).sum(axis=1)[:, None] + (b * b).sum(axis=1)[None, :] - 2.0 * (a @ b.T)
+            best[open_] = np.minimum(best[open_], np.clip(d2.min(axis=1), 0.0, None) + dz2)
+        out[rows] = np.sqrt(best)
     return out
 
 
@@ -60,7 +81,9 @@ def hd95(a, b, spacing) -> float:
         return float("inf")
     spacing = np.asarray(spacing, dtype=np.float64)
     pa, pb = np.argwhere(sa) * spacing, np.argwhere(sb) * spacing  # (n, d) in mm
-    return float(max(np.percentile(_nearest_distances(pa, pb), 95), np.percentile(_nearest_distances(pb, pa), 95)))
+    step = float(spacing[-1])
+    return float(max(np.percentile(_nearest_distances(pa, pb, step), 95),
+                     np.percentile(_nearest_distances(pb, pa, step), 95)))
 
 
 # ---- measures ----------------------------------------------------------------------------
@@ -196,3 +219,53 @@ def components_per_slice(mask, label) -> np.ndarray:
     roots = parent == np.arange(len(parent))
     z = np.nonzero(m)[2]  # slice of each foreground voxel, in index order
     return np.bincount(z[roots], minlength=m.shape[2]).astype(np.int64)
+
+
+# ---- sharpness -----------------------------------------------------------------------------
+
+def _gaussian_rows(n: int, sigma: float) -> np.ndarray:
+    """(n, n) in-plane Gaussian smoothing matrix; rows renormalised at the edges (no zero padding)."""
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    w = np.exp(-0.5 * (d / sigma) ** 2)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def high_frequency_energy(image, region, sigma: float = 1.0) -> float:
+    """Mean squared high-pass detail of (X, Y, ...) images over a boolean region of the same shape.
+
+    The high-pass is image minus its in-plane Gaussian smoothing (std `sigma` voxels): what a blur of
+    that size removes, so a blurred copy has less of it. Compare images only on the same grid and
+    intensity scale (cine.prep's [-1, 1]). nan for an empty region.
+    """
+    x, region = np.asarray(image, dtype=np.float64), np.asarray(region, dtype=bool)
+    if x.shape != region.shape or x.ndim < 2:
+        raise ValueError(f"image {x.shape} and region {region.shape} must be the same (X, Y, ...) shape")
+    if not region.any():
+        return float("nan")
+    smooth = np.einsum("ix,jy,xy...->ij...", _gaussian_rows(x.shape[0], sigma), _gaussian_rows(x.shape[1], sigma),
+                       x, optimize=True)
+    return float(((x - smooth)[region] ** 2).mean())
+
+
+# ---- paired comparison ---------------------------------------------------------------------
+
+def paired_permutation_p(differences, resamples: int = 20000, seed: int = 0) -> float:
+    """Two-sided p-value of a paired sign-flip permutation test on per-subject differences (B - A).
+
+    Under the null hypothesis each difference is as likely to have either sign; the statistic is
+    |mean|. Exact (all 2^n sign patterns) for n <= 16, else `resamples` random patterns from `seed`
+    plus the observed one. 1.0 for all-zero differences; nan for no subjects.
+    """
+    d = np.asarray(differences, dtype=np.float64).ravel()
+    n = len(d)
+    if n == 0:
+        return float("nan")
+    observed = abs(d.mean())
+    if n <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)   # (2^n, n) every pattern
+        stats = np.abs(signs @ d) / n
+        return float(np.mean(stats >= observed - 1e-12))
+    rng = np.random.default_rng(seed)
+    signs = rng.choice((-1.0, 1.0), size=(resamples, n))
+    stats = np.abs(signs @ d) / n
+    return float((np.sum(stats >= observed - 1e-12) + 1) / (resamples + 1))

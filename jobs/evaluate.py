@@ -1,6 +1,8 @@
 """`synth4d eval`: a generated data set against a real one — FVD (or fvd_vae, jobs.fvd), controllability,
-temporal coherence, image-mask agreement — and the VAE's reconstruction of the real set. The readable
-table of the result is jobs.report's.
+temporal coherence, image-mask agreement — and the VAE's reconstruction of the real set; with the
+compact segmenter fitted on real frames, realism and sharpness (jobs.realism) and the downstream
+gain (jobs.downstream); and memorisation (jobs.memorisation). The readable table of the result is
+jobs.report's.
 
 Axis vocabulary: a cine is (X, Y, Z, T), a mask over the cycle (X, Y, Z, T), a clip (one slice
 over one cycle) (16, X, Y), a batch of clips for I3D (B, 3, 16, 224, 224), features (N, D).
@@ -26,7 +28,12 @@ from synth4d.cine.diagnosis import CRITERIA, NOT_CHECKED, meets
 from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve, wall_thickness
 from synth4d.cine.metrics import bias, components_per_slice, dice, hd95, mae, pearson, psnr, ssim, temporal_smoothness
 from synth4d.cine.prep import prepare_subject, to_source
+from synth4d.jobs.compact import FitSettings
+from synth4d.jobs.downstream import downstream as run_downstream
 from synth4d.jobs.fvd import fvd_report
+from synth4d.jobs.memorisation import memorisation as run_memorisation
+from synth4d.jobs.realism import judge_grid
+from synth4d.jobs.realism import realism as run_realism
 from synth4d.jobs.report import clean
 from synth4d.nets.config import GridConfig
 from synth4d.nets.device import select_device
@@ -45,15 +52,28 @@ COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, l
 
 
 def evaluate(real, generated=None, fvd=False, control=False, coherence=False, recon=False, agreement=False,
+             realism=False, memorisation=False, heldout=None, downstream=False, train=None, synthetic=None, test=None,
+             ratio=1.0, seeds=3, seg_steps=FitSettings.steps, seg_spacing=1.5, seg_size=96, seed=0,
              i3d=None, i3d_torchscript=False, weights=None, device="auto") -> dict:
-    """Every requested metric (none requested: all that apply) as a JSON-serialisable dict."""
+    """Every requested metric (none requested: all that apply, except the fitted ones: realism,
+    memorisation and downstream) as a JSON-serialisable dict."""
+    fit_settings = FitSettings(steps=seg_steps, seed=seed)
+    if downstream:
+        if fvd or control or coherence or recon or agreement or realism or memorisation:
+            raise UserError("--downstream runs alone: give its sets with --train, --synthetic and --test")
+        return clean({"downstream": _downstream(train or real, synthetic or generated, test, ratio, seeds,
+                                                fit_settings, judge_grid(seg_spacing, seg_size), device)})
     if real is None:
         raise UserError("eval needs REAL, a data set to compare against (GENERATED is optional)")
     real_ds = scan(real)
     gen_ds = scan(generated) if generated is not None else None
     manifest = _manifest(generated) if generated is not None else None
     vae_path = Path(weights or DIR) / "vae.safetensors"
-    if not (fvd or control or coherence or recon or agreement):
+    if (realism or memorisation) and gen_ds is None:
+        raise UserError("--realism and --memorisation need a GENERATED set beside REAL; give both folders")
+    if memorisation and not vae_path.is_file():
+        raise UserError(f"--memorisation needs a VAE: no vae.safetensors in {vae_path.parent}; pass --weights")
+    if not (fvd or control or coherence or recon or agreement or realism or memorisation):
         fvd = gen_ds is not None and (i3d is not None or vae_path.is_file())
         control = coherence = manifest is not None
         recon = vae_path.is_file()
@@ -73,7 +93,7 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
 
     dev = select_device(device)
     vae = None
-    if recon or agreement or (fvd and i3d is None):
+    if recon or agreement or memorisation or (fvd and i3d is None) or (realism and vae_path.is_file()):
         vae = load_vae(vae_path, dev)
     result = {"real": {"path": str(real), "layout": real_ds.layout, "subjects": len(real_ds.refs)}}
     if gen_ds is not None:
@@ -94,7 +114,23 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
         result["recon"] = reconstruction(real_ds, *vae, dev, vae_path)
     if agreement:
         result["agreement"] = image_mask_agreement(gen_ds, *vae, dev, vae_path)
+    if realism:
+        result["realism"] = run_realism(real_ds, gen_ds, grid, fit_settings, vae=vae, device=dev)
+    if memorisation:
+        result["memorisation"] = run_memorisation(real_ds, gen_ds, *vae, dev,
+                                                  heldout_ds=scan(heldout) if heldout is not None else None)
+        result["memorisation"]["checkpoint"] = str(vae_path)
     return clean(result)
+
+
+def _downstream(train, synthetic, test, ratio, seeds, settings, grid, device) -> dict:
+    if train is None or test is None:
+        raise UserError("--downstream needs --train REAL (labelled) and --test TARGET (labelled); "
+                        "--synthetic GEN adds the second arm")
+    if seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    return run_downstream(scan(train), scan(test), scan(synthetic) if synthetic is not None else None, ratio=ratio,
+                          seeds=tuple(range(seeds)), settings=settings, grid=grid, device=select_device(device))
 
 
 def _manifest(folder):

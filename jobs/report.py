@@ -23,6 +23,8 @@ def _f(x, fmt=".3g"):
 
 def format_table(result: dict) -> str:
     """A readable report of evaluate's result, for stderr."""
+    if "downstream" in result:
+        return format_downstream(result["downstream"])
     lines = [f"real       {result['real']['path']} ({result['real']['layout']}, {result['real']['subjects']} subjects)"]
     if "generated" in result:
         g = result["generated"]
@@ -70,4 +72,64 @@ def format_table(result: dict) -> str:
         lines += ["", f"image-mask agreement ({a['subjects']} subjects, {a['frames']} frames; the VAE's mask head on "
                       "generated images vs generated masks): "
                       + ", ".join(f"Dice {k} {_f(v, '.3f')}" for k, v in a["dice"].items())]
+    if "realism" in result:
+        r = result["realism"]
+        lines += ["", f"realism (judge: {r['judge']['segmenter']}; fitted on {r['judge']['trained_on']['subjects']} "
+                      f"real subjects, {r['judge']['fit']['steps']} steps, seed {r['judge']['fit']['seed']}; "
+                      f"grid {r['grid']['size']} x {r['grid']['size']} at {r['grid']['spacing']:g} mm)",
+                  f"  {'':<15}{'frames':>7}" + "".join(f"{'Dice ' + s:>10}" for s in r["rows"]["real"]["dice"])
+                  + "".join(f"{'real. ' + s:>11}" for s in r["rows"]["real"]["dice"]) + f"{'sharpness':>11}"]
+        for kind, row in r["rows"].items():
+            lines.append(f"  {kind:<15}{row['frames']:>7}" + "".join(f"{_f(v, '.3f'):>10}" for v in row["dice"].values())
+                         + "".join(f"{_f(v, '.3f'):>11}" for v in row["realism"].values())
+                         + f"{_f(row['sharpness'], '.3f'):>11}")
+        lines.append(f"  {r['protocol']}")
+        if r.get("note"):
+            lines.append(f"  {r['note']}")
+    if "memorisation" in result:
+        m = result["memorisation"]
+        g, ref = m["generated_to_train"], m["real_to_train"]
+        lines += ["", f"memorisation (reference: {m['reference']}; {m['train']['subjects']} training subjects)",
+                  f"  flagged: {m['flagged']['n']} of {m['flagged']['of']} ({m['flagged']['fraction']:.1%}) closer "
+                  f"to a training subject than {_f(m['threshold'], '.4g')}, the closest a real subject comes",
+                  f"  {'distance to nearest train':<28}{'min':>9}{'p05':>9}{'median':>9}{'p95':>9}",
+                  f"  {'generated':<28}" + "".join(f"{_f(g[k], '.4g'):>9}" for k in ('min', 'p05', 'median', 'p95')),
+                  f"  {'real (reference)':<28}" + "".join(f"{_f(ref[k], '.4g'):>9}" for k in ('min', 'p05', 'median', 'p95')),
+                  "  closest pairs: " + "; ".join(f"{p['generated']} ~ {p['train']} ({_f(p['distance'], '.4g')}, "
+                                                  f"ED Dice {_f(p['ed_mask_dice'], '.2f')})" for p in m["closest"])]
     return "\n".join(lines)
+
+
+def format_downstream(d: dict) -> str:
+    """A readable report of jobs.downstream's result."""
+    s = d["settings"]
+    lines = [f"downstream segmentation (segmenter: {d['segmenter']})",
+             f"  train {d['train']['path']} ({d['train']['subjects']} labelled subjects, {d['train']['slices']} slices)"]
+    if d["synthetic"]:
+        lines.append(f"  synthetic {d['synthetic']['path']} ({d['synthetic']['subjects']} subjects, "
+                     f"{d['synthetic']['slices']} slices; {d['synthetic']['ratio']:g} synthetic per real slice)")
+    lines += [f"  test {d['test']['path']} ({d['test']['subjects']} subjects, {d['test']['frames']} labelled frames)",
+              f"  {s['fit']['steps']} steps, batch {s['fit']['batch']}, lr {s['fit']['lr']:g}, seeds "
+              f"{','.join(map(str, s['seeds']))}; grid {s['grid']['size']} x {s['grid']['size']} at "
+              f"{s['grid']['spacing']:g} mm; scored on each file's own grid", "",
+              f"  {'arm':<16}" + "".join(f"{'Dice ' + n:>16}" for n in ('RV', 'MYO', 'LV'))
+              + "".join(f"{'HD95 ' + n + ' mm':>18}" for n in ('RV', 'MYO', 'LV'))]
+    for arm, row in d["arms"].items():
+        lines.append(f"  {arm:<16}" + "".join(f"{_pm(row[n]['dice'], '.3f'):>16}" for n in ('RV', 'MYO', 'LV'))
+                     + "".join(f"{_pm(row[n]['hd95'], '.2f'):>18}" for n in ('RV', 'MYO', 'LV')))
+    if "difference" in d:
+        diff = d["difference"]
+        lines.append(f"  {'difference':<16}" + "".join(f"{_f(diff[n]['dice'], '+.3f'):>16}" for n in ('RV', 'MYO', 'LV'))
+                     + "".join(f"{_f(diff[n]['hd95'], '+.2f'):>18}" for n in ('RV', 'MYO', 'LV')))
+        lines.append(f"  {'p (paired)':<16}" + "".join(f"{_f(diff[n]['p'], '.3g'):>16}" for n in ('RV', 'MYO', 'LV')))
+        t = d["paired_test"]
+        lines.append(f"  mean Dice difference {t['mean_dice_difference']:+.4f}, p = {_f(t['p'], '.3g')} "
+                     f"({t['subjects']} subjects; {t['test']})")
+    return "\n".join(lines)
+
+
+def _pm(v: dict, fmt: str) -> str:
+    """mean ± sd over seeds."""
+    if v["mean"] is None:
+        return "-"
+    return format(v["mean"], fmt) + ("" if v["sd"] is None else " ± " + format(v["sd"], fmt))
