@@ -217,10 +217,21 @@ def _prior_options(f):
 @click.option("--layout", type=click.Choice(("flat", "acdc")), default="flat", show_default=True,
               help="flat: OUT/subj_NNN_image.nii.gz + _mask; acdc: a data set the loader reads back.")
 @click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="Index of the first subject (regenerate one alone).")
+@click.option("--prefix", default=None,
+              help="Subject names: PREFIX + number [synth_ (flat), patient (acdc)], e.g. synthHCM_ to sit beside a real set.")
+@click.option("--labels", type=click.Choice(("acdc", "mnms")), default="acdc", show_default=True,
+              help="Mask label order: acdc 1 RV, 2 MYO, 3 LV; mnms 1 LV, 2 MYO, 3 RV (M&Ms). Recorded in the manifest, "
+                   "the sidecar and (acdc layout) Info.cfg, so synth4d reads the files back either way.")
 @click.option("--json", "as_json", is_flag=True, help="Manifest rows as JSON lines on stdout instead of paths.")
 @click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT (default: skip complete ones).")
 def generate(out, **kw):
-    """Generate synthetic 4D cine subjects (image + mask NIfTI) and a manifest in OUT."""
+    """Generate synthetic 4D cine subjects (image + mask NIfTI) and a manifest in OUT.
+
+    Masks: 0 background, 1 RV, 2 MYO, 3 LV (ACDC order; --labels mnms for 1 LV, 3 RV), stored with the
+    NIfTI label intent. Every file's header description says "synth4d <version> synthetic", and a
+    JSON sidecar per subject holds its requested and measured priors, seed, sampler settings, the
+    weights' identity and the label convention.
+    """
     from synth4d.jobs.generate import generate as run
     as_json = kw.pop("as_json")
     for row in run(out, **kw):

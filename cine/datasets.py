@@ -75,7 +75,8 @@ def scan(root, skip_bad=False) -> Dataset:
 def _detect(root: Path):
     """(layout, [builder() -> SubjectRef, one per candidate subject])."""
     patients = sorted(d for base in (root, root / "training", root / "testing") if base.is_dir()
-                      for d in base.iterdir() if d.is_dir() and re.fullmatch(r"patient\d+", d.name))
+                      for d in base.iterdir() if d.is_dir() and _visible(d)
+                      and (re.fullmatch(r"patient\d+", d.name) or (d / f"{d.name}_4d.nii.gz").is_file()))
     if patients:
         return "acdc", [partial(_acdc_ref, d) for d in patients]
     tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv")) if _visible(p) and not p.is_dir()}
@@ -115,15 +116,17 @@ def _acdc_ref(folder: Path) -> SubjectRef:
     dx = cfg.get("group", "").upper() or None
     if dx is not None and dx not in DIAGNOSES:
         raise DataError(cfg_path, f"unknown Group '{cfg['group']}' (expected one of {', '.join(DIAGNOSES)})")
-    meta = {k: v for k, v in cfg.items() if k not in ("ed", "es", "group", "nbframe", "height", "weight")}
+    meta = {k: v for k, v in cfg.items() if k not in ("ed", "es", "group", "nbframe", "height", "weight", "labels")}
     meta.update(_numbers(cfg_path, cfg, ("height", "weight")))
+    mnms = _label_order(cfg_path, cfg.get("labels"))
     frame_masks = _frame_masks(folder, sid, shape, affine)
     full = folder / f"{sid}_4d_gt.nii.gz"
     files = {"image": str(image), "info": str(cfg_path)}
     if full.exists():
         _check_match(full, nifti.peek(full, 4), shape, affine)
         files["full_mask"] = str(full)
-    return _ref(sid, "acdc", files, ed, es, dx, meta, frame_masks=frame_masks, full_mask=files.get("full_mask"))
+    return _ref(sid, "acdc", files, ed, es, dx, meta, frame_masks=frame_masks, full_mask=files.get("full_mask"),
+                mnms_labels=mnms)
 
 
 def _mnms_ref(image: Path, root: Path, rows: dict, csv_path: Path) -> SubjectRef:
@@ -157,7 +160,7 @@ def _folder_ref(image: Path, rows: dict, csv_path: Optional[Path]) -> SubjectRef
         _check_match(mask4d, nifti.peek(mask4d, 4), shape, affine)
         files["mask"] = str(mask4d)
     frame_masks = _frame_masks(image.parent, sid, shape, affine)
-    ed, es, dx, meta = 0, None, None, {}
+    ed, es, dx, meta, mnms = 0, None, None, {}, False
     if sid in rows:
         row, files["info"] = rows[sid], str(csv_path)
         ed = _frame(csv_path, f"{sid}: ed", row.get("ed"), n, base=0, required=False) or 0
@@ -166,11 +169,21 @@ def _folder_ref(image: Path, rows: dict, csv_path: Optional[Path]) -> SubjectRef
         if dx is not None and dx not in DIAGNOSES:   # as in ACDC's Info.cfg: a typo is not a new group
             raise DataError(csv_path, f"{sid}: unknown dx {row['dx']!r} (expected one of {', '.join(DIAGNOSES)}, "
                                       "or empty for unknown)")
-        meta = {k: v for k, v in row.items() if v and k not in ("subject", "id", "dx", "ed", "es")}
+        meta = {k: v for k, v in row.items() if v and k not in ("subject", "id", "dx", "ed", "es", "labels")}
         meta.update(_numbers(csv_path, row, ("height", "weight"), prefix=f"{sid}: "))
+        mnms = _label_order(csv_path, row.get("labels"), f"{sid}: ")
     else:
         ed, es = _ed_es_from_masks(files.get("mask"), frame_masks, ed, es)
-    return _ref(sid, "folder", files, ed, es, dx, meta, frame_masks=frame_masks, mask4d=files.get("mask"))
+    return _ref(sid, "folder", files, ed, es, dx, meta, frame_masks=frame_masks, mask4d=files.get("mask"),
+                mnms_labels=mnms)
+
+
+def _label_order(path, value, where="") -> bool:
+    """Whether a subject's masks are in M&Ms order (1 LV, 3 RV): a Labels / labels field of acdc or mnms."""
+    value = (value or "acdc").strip().lower()
+    if value not in ("acdc", "mnms"):
+        raise DataError(path, f"{where}labels {value[:40]!r} is not acdc (1 RV, 2 MYO, 3 LV) or mnms (1 LV, 2 MYO, 3 RV)")
+    return value == "mnms"
 
 
 def _ed_es_from_masks(mask4d, frame_masks, ed, es):
@@ -219,7 +232,8 @@ class _Loader:
         if self.mask4d:
             m = _labels(self.mask4d, nifti.read(self.mask4d, ndim=4, kind="mask")[0], self.mnms_labels)
             masks.update({t: np.ascontiguousarray(m[..., t]) for t in _labelled_frames(m)})
-        full = _labels(self.full_mask, nifti.read(self.full_mask, ndim=4, kind="mask")[0]) if self.full_mask else None
+        full = (_labels(self.full_mask, nifti.read(self.full_mask, ndim=4, kind="mask")[0], self.mnms_labels)
+                if self.full_mask else None)
         return Subject(self.id, image, geom.affine, geom.spacing, geom.frame_ms, dict(sorted(masks.items())),
                        self.ed, self.es, self.dx, dict(self.meta), full, self.image)
 

@@ -144,10 +144,12 @@ def read(path, ndim=None, kind="image"):
     return data, geom
 
 
-def write(path, array, geometry: Geometry, kind="image"):
+def write(path, array, geometry: Geometry, kind="image", descrip: str = ""):
     """Write atomically (temp file + rename): a reader never sees a half-written file.
 
-    kind "image": stored as float32 (int16 when the values are integers); "mask": uint8.
+    kind "image": stored as float32 (int16 when the values are integers); "mask": uint8, with the
+    NIfTI label-map intent (1002, NIFTI_INTENT_LABEL). `descrip` goes into the header's description
+    field (at most 79 characters).
     """
     array = np.asarray(array)
     if kind == "mask":
@@ -166,5 +168,7 @@ def write(path, array, geometry: Geometry, kind="image"):
     img.set_qform(geometry.affine, code=1)
     img.set_sform(geometry.affine, code=1)
     if kind == "mask":
-        hdr["intent_name"] = b"labels"
+        hdr.set_intent("label", name="labels")
+    if descrip:
+        hdr["descrip"] = descrip.encode("ascii", "replace")[:79]
     return atomic_write(path, lambda tmp: nib.save(img, tmp))

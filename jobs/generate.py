@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -93,19 +94,39 @@ def _requests(n, dx, given, conditions, frames, slices) -> list[tuple[int | None
     return [(line, {**base, **row}) for line, row in read_conditions(conditions)]
 
 
-def _names(i, layout):
+PREFIX = {"flat": "synth_", "acdc": "patient"}
+LABEL_ORDERS = {"acdc": np.array([0, 1, 2, 3], np.uint8),   # 1 RV, 2 MYO, 3 LV (inside the tool)
+                "mnms": np.array([0, 3, 2, 1], np.uint8)}   # 1 LV, 2 MYO, 3 RV (M&Ms, M&Ms-2)
+LABEL_NAMES = {"acdc": {"0": "background", "1": "RV", "2": "MYO", "3": "LV"},
+               "mnms": {"0": "background", "1": "LV", "2": "MYO", "3": "RV"}}
+
+
+def check_prefix(prefix: str) -> str:
+    """A subject-name prefix: a letter, then letters, digits, '_' or '-' (at most 40): safe in any file name."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,39}", prefix or ""):
+        raise UserError(f"--prefix {prefix[:50]!r}: use a letter, then letters, digits, '_' or '-' (at most 40)")
+    return prefix
+
+
+def _names(i, layout, prefix=None):
+    """(id, image path, mask path, sidecar path), relative to OUT, of subject i."""
+    prefix = prefix or PREFIX[layout]
     if layout == "acdc":
-        sid = f"patient{i + 1:03d}"
-        return sid, Path(sid) / f"{sid}_4d.nii.gz", Path(sid) / f"{sid}_4d_gt.nii.gz"
-    sid = f"synth_{i:04d}"
-    return sid, Path(f"{sid}.nii.gz"), Path(f"{sid}_mask.nii.gz")
+        sid = f"{prefix}{i + 1:03d}"
+        return sid, Path(sid) / f"{sid}_4d.nii.gz", Path(sid) / f"{sid}_4d_gt.nii.gz", Path(sid) / f"{sid}.json"
+    sid = f"{prefix}{i:04d}"
+    return sid, Path(f"{sid}.nii.gz"), Path(f"{sid}_mask.nii.gz"), Path(f"{sid}.json")
 
 
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
              guidance=2.0, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
-             **given):
+             prefix=None, labels="acdc", **given):
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)
+    if prefix is not None:
+        check_prefix(prefix)
+    if labels not in LABEL_ORDERS:
+        raise UserError(f"--labels {labels!r}: expected acdc or mnms")
     model = load(weights, device)
     requests = []
     for line, req in _requests(n, dx, {k: v for k, v in given.items() if v is not None}, conditions, frames, slices):
@@ -124,9 +145,9 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
     pending = []
     for k, req in enumerate(requests):
         i = start + k
-        sid, image_rel, mask_rel = _names(i, layout)
+        sid, image_rel, _, _ = _names(i, layout, prefix)
         done = manifest.get(sid)
-        request = _request_id(req, sampling, identity, seed, i)
+        request = _request_id(req, sampling, identity, seed, i, labels)
         if done and not overwrite:
             # Manifests written before the request column existed are compared by seed alone.
             if (done.get("request", request) != request
@@ -143,11 +164,12 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
 
     for i, req, request in tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending):
         subject = model.subject(req, i, seed, sampling)
-        sid = _names(i, layout)[0]
+        sid = _names(i, layout, prefix)[0]
         marker = atomic_write(out / PENDING / sid, lambda tmp: Path(tmp).write_text(str(os.getpid())))
         try:
-            row = {**manifest_row(sid, subject, req, sampling), "weights": identity, "request": request,
-                   "files": ";".join(map(str, _write(out, layout, i, subject)))}
+            row = {**manifest_row(sid, subject, req, sampling), "labels": labels, "weights": identity,
+                   "request": request}
+            row["files"] = ";".join(map(str, _write(out, layout, i, subject, prefix, labels, row)))
             _write_manifest(out / "manifest.csv", {sid: row})
         except BaseException:  # an error or an interrupt here: a rerun redoes this subject
             marker.write_text(FAILED)
@@ -156,9 +178,11 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
 
 
-def _request_id(req, sampling, identity, seed, index) -> str:
-    """A digest of everything that makes subject `index`: the request, the sampling, the weights and the seed."""
-    blob = json.dumps([req, dataclasses.asdict(sampling), identity, seed, index], sort_keys=True, default=str)
+def _request_id(req, sampling, identity, seed, index, labels="acdc") -> str:
+    """A digest of everything that makes subject `index`: the request, the sampling, the weights, the seed
+    (and the label order, when not the default)."""
+    parts = [req, dataclasses.asdict(sampling), identity, seed, index] + ([labels] if labels != "acdc" else [])
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -171,28 +195,50 @@ def _interrupted(out, sid) -> bool:
     return text == FAILED or (text.isdigit() and not pid_running(int(text)))
 
 
-def _write(out, layout, i, subject: Synthetic) -> list:
+def sidecar(row: dict, subject: Synthetic, labels: str) -> dict:
+    """The JSON written beside a subject's files: what it is, how it was made, and its label convention."""
+    from synth4d import __version__
+    measures = {w: {k: row[f"{w}_{k}"] for k in MEASURES} for w in ("requested", "measured")}
+    return {"synthetic": True, "generator": f"synth4d {__version__}", "id": row["id"], "dx": row["dx"] or None,
+            **measures, "given": [k for k in MEASURES if row[f"given_{k}"]],
+            "seed": row["seed"], "attempts": row["attempts"], "plausible": row["plausible"],
+            "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "keyframes")},
+            "weights": row["weights"], "request": row["request"],
+            "frames": row["frames"], "ed": row["ed"], "es": row["es"],
+            "spacing_mm": list(subject.geometry.spacing), "frame_ms": subject.geometry.frame_ms,
+            "labels": {"convention": labels, **LABEL_NAMES[labels]}}
+
+
+def _write(out, layout, i, subject: Synthetic, prefix, labels, row) -> list:
     """The subject's files, written atomically: image as int16 in 0..1000 (the [-1, 1] model range), masks
-    uint8; with the acdc layout the subject's folder, whole, with the ED and ES frames and Info.cfg too.
-    Returns the paths relative to out."""
-    sid, image_rel, mask_rel = _names(i, layout)
-    image, labels, geom, es = np.round((subject.image + 1) * 500).astype(np.int16), subject.mask, subject.geometry, subject.es
+    uint8 in the `labels` order, both marked synthetic in the header, and the JSON sidecar; with the acdc
+    layout the subject's folder, whole, with the ED and ES frames and Info.cfg too. Returns the paths
+    relative to out."""
+    from synth4d import __version__
+    sid, image_rel, mask_rel, side_rel = _names(i, layout, prefix)
+    image, geom, es = np.round((subject.image + 1) * 500).astype(np.int16), subject.geometry, subject.es
+    mask = LABEL_ORDERS[labels][subject.mask]
+    descrip = f"synth4d {__version__} synthetic"
+    side = json.dumps(sidecar(row, subject, labels), indent=1) + "\n"
     if layout == "flat":
-        write(out / image_rel, image, geom)
-        write(out / mask_rel, labels, geom, kind="mask")
-        return [image_rel, mask_rel]
+        write(out / image_rel, image, geom, descrip=descrip)
+        write(out / mask_rel, mask, geom, kind="mask", descrip=f"{descrip} labels {labels}")
+        atomic_write(out / side_rel, lambda tmp: Path(tmp).write_text(side))
+        return [image_rel, mask_rel, side_rel]
     frame_geom = Geometry(geom.affine, geom.spacing, None)
     names = [image_rel.name, mask_rel.name] + [f"{sid}_frame{t + 1:02d}{suffix}.nii.gz" for t in (0, es)
-                                               for suffix in ("", "_gt")] + ["Info.cfg"]
+                                               for suffix in ("", "_gt")] + ["Info.cfg", side_rel.name]
 
     def write_folder(tmp):
-        write(tmp / image_rel.name, image, geom)
-        write(tmp / mask_rel.name, labels, geom, kind="mask")
+        write(tmp / image_rel.name, image, geom, descrip=descrip)
+        write(tmp / mask_rel.name, mask, geom, kind="mask", descrip=f"{descrip} labels {labels}")
         for t in (0, es):
-            write(tmp / f"{sid}_frame{t + 1:02d}.nii.gz", image[..., t], frame_geom)
-            write(tmp / f"{sid}_frame{t + 1:02d}_gt.nii.gz", labels[..., t], frame_geom, kind="mask")
+            write(tmp / f"{sid}_frame{t + 1:02d}.nii.gz", image[..., t], frame_geom, descrip=descrip)
+            write(tmp / f"{sid}_frame{t + 1:02d}_gt.nii.gz", mask[..., t], frame_geom, kind="mask",
+                  descrip=f"{descrip} labels {labels}")
         (tmp / "Info.cfg").write_text(f"ED: 1\nES: {es + 1}\nGroup: {subject.values['dx'] or ''}\n"
-                                      f"NbFrame: {image.shape[3]}\n")
+                                      f"NbFrame: {image.shape[3]}\n" + (f"Labels: {labels}\n" if labels != "acdc" else ""))
+        (tmp / side_rel.name).write_text(side)
 
     atomic_folder(out / sid, write_folder)
     return [Path(sid) / name for name in names]

@@ -25,8 +25,8 @@ def test_flat_outputs_geometry_and_manifest(tiny_weights, tmp_path):
     out = tmp_path / "gen"
     result = run_cli("generate", "--weights", tiny_weights, "--n", 2, "--dx", "HCM", "--lvedv", 120, *FAST, out)
     paths = result.stdout.split()
-    assert paths == [str(out / f) for f in ("synth_0000.nii.gz", "synth_0000_mask.nii.gz",
-                                            "synth_0001.nii.gz", "synth_0001_mask.nii.gz")]
+    assert paths == [str(out / f) for f in ("synth_0000.nii.gz", "synth_0000_mask.nii.gz", "synth_0000.json",
+                                            "synth_0001.nii.gz", "synth_0001_mask.nii.gz", "synth_0001.json")]
     image, mask, geom = _arrays(out, "synth_0000")
     with open(out / "manifest.csv") as f:
         rows = list(csv.DictReader(f))
@@ -45,6 +45,40 @@ def test_flat_outputs_geometry_and_manifest(tiny_weights, tmp_path):
     ds = scan(out)
     assert ds.layout == "folder" and [r.id for r in ds.refs] == ["synth_0000", "synth_0001"]
     assert ds.refs[0].dx == "HCM"
+    # Provenance: the headers say synthetic, the mask is a label map, the sidecar says how it was made.
+    import nibabel as nib
+    from synth4d import __version__
+    img, msk = nib.load(out / "synth_0000.nii.gz"), nib.load(out / "synth_0000_mask.nii.gz")
+    assert img.header["descrip"].tobytes().rstrip(b"\0").decode() == f"synth4d {__version__} synthetic"
+    assert int(msk.header["intent_code"]) == 1002 and int(img.header["intent_code"]) == 0
+    side = __import__("json").loads((out / "synth_0000.json").read_text())
+    assert side["synthetic"] is True and side["requested"]["lvedv"] == 120 and side["given"] == ["lvedv"]
+    assert side["seed"] == int(row["seed"]) and side["weights"] == row["weights"] and side["sampling"]["steps"] == 3
+    assert side["labels"] == {"convention": "acdc", "0": "background", "1": "RV", "2": "MYO", "3": "LV"}
+    assert side["measured"]["lvedv"] == pytest.approx(m["lvedv"], abs=1e-2)
+
+
+@pytest.mark.parametrize("layout", ["flat", "acdc"])
+def test_mnms_label_order_and_prefix_read_back(tiny_weights, tmp_path, layout):
+    """--labels mnms swaps RV and LV in the files; synth4d reads them back in its own order either way."""
+    common = ["--weights", tiny_weights, "--n", 1, "--seed", 3, "--layout", layout, *FAST]
+    run_cli("generate", *common, tmp_path / "acdc")
+    run_cli("generate", *common, "--labels", "mnms", "--prefix", "synthHCM_", tmp_path / "mnms")
+    plain, swapped = scan(tmp_path / "acdc"), scan(tmp_path / "mnms")
+    assert swapped.layout == plain.layout and [r.id for r in swapped.refs] == [
+        "synthHCM_0000" if layout == "flat" else "synthHCM_001"]
+    a, b = plain.refs[0].load(), swapped.refs[0].load()
+    full_a = a.full_mask if a.full_mask is not None else np.stack([a.masks[t] for t in sorted(a.masks)], -1)
+    full_b = b.full_mask if b.full_mask is not None else np.stack([b.masks[t] for t in sorted(b.masks)], -1)
+    assert np.array_equal(full_a, full_b) and np.array_equal(a.image, b.image)
+    stored = next(p for p in (tmp_path / "mnms").rglob("*.nii.gz") if "_mask" in p.name or p.name.endswith("_4d_gt.nii.gz"))
+    raw, _ = nifti.read(stored, ndim=4, kind="mask")
+    assert np.array_equal(raw, np.array([0, 3, 2, 1], np.uint8)[full_a])
+
+
+def test_bad_prefix_is_one_line(tiny_weights, tmp_path):
+    result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), "--prefix", "../x", str(tmp_path / "o")])
+    assert result.exit_code != 0 and "--prefix" in str(result.exception) and not (tmp_path / "o").exists()
 
 
 def test_same_seed_same_files_and_one_subject_alone(tiny_weights, tmp_path):
@@ -326,4 +360,4 @@ def test_a_fault_at_any_atomic_write_is_completed_by_a_rerun(tiny_weights, tmp_p
         run_cli("generate", *args, out)
         got = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
         assert got == expected, k
-    assert k == 6   # five writes: the probe, then the subject's pending marker, image, mask and manifest
+    assert k == 7   # six writes: the probe, then the subject's pending marker, image, mask, sidecar and manifest
