@@ -186,6 +186,31 @@ def export_weights(runs, dest, overwrite):
         click.echo(export_half(runs / stage / f"{stage}.safetensors", target))
 
 
+@cli.command("export-nnunet")
+@click.argument("sources", type=DATA, nargs=-1, required=True)
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--id", "dataset_id", type=int, required=True, help="nnU-Net data set id (1-999): DatasetNNN_NAME.")
+@click.option("--name", required=True, help="Data set name (letters, digits, _ and -).")
+@click.option("--frames", type=click.Choice(("ed-es", "all")), default="ed-es", show_default=True,
+              help="Frames of synthetic subjects to export (real subjects give their labelled frames).")
+@click.option("--ratio", type=click.FloatRange(min=0), default=None,
+              help="At most RATIO synthetic cases per real case (synthetic subjects taken in id order) [all].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fold assignment.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DatasetNNN_NAME folder.")
+def export_nnunet(sources, out, **kw):
+    """Write SOURCES (real and synthetic data sets) as one nnU-Net v2 raw data set in OUT.
+
+    One 3D case per labelled frame, names prefixed by their source folder, dataset.json with
+    nnU-Net's ACDC label names, and splits_final.json: five folds over real subjects, synthetic
+    cases only ever in training.
+
+    \b
+      synth4d export-nnunet acdc/training synthetic/ nnUNet_raw/ --id 501 --name ACDCsynth
+    """
+    from synth4d.jobs.export_nnunet import export_nnunet as run
+    click.echo(run(list(sources), out, **kw))
+
+
 def _prior_options(f):
     for name, text in reversed(MEASURES.items()):
         f = click.option(f"--{name.replace('_', '-')}", name, type=float, default=None,
