@@ -186,6 +186,20 @@ def export_weights(runs, dest, overwrite):
         click.echo(export_half(runs / stage / f"{stage}.safetensors", target))
 
 
+@cli.command()
+@click.argument("subject", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+def preview(subject, out):
+    """Picture SUBJECT (a 4D image file or an ACDC subject folder) as OUT.
+
+    OUT.png: a mosaic of up to 8 heart slices at ED and ES with the mask outlined (RV blue, MYO
+    green, LV red). OUT.gif: the mid-ventricular slice over the cycle (needs Pillow:
+    pip install 'synth4d[preview]').
+    """
+    from synth4d.jobs.preview import preview as run
+    click.echo(run(subject, out))
+
+
 @cli.command("export-nnunet")
 @click.argument("sources", type=DATA, nargs=-1, required=True)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
@@ -247,6 +261,7 @@ def _prior_options(f):
 @click.option("--labels", type=click.Choice(("acdc", "mnms")), default="acdc", show_default=True,
               help="Mask label order: acdc 1 RV, 2 MYO, 3 LV; mnms 1 LV, 2 MYO, 3 RV (M&Ms). Recorded in the manifest, "
                    "the sidecar and (acdc layout) Info.cfg, so synth4d reads the files back either way.")
+@click.option("--preview", is_flag=True, help="Also write a PNG mosaic per subject (ED and ES slices, mask outlined).")
 @click.option("--json", "as_json", is_flag=True, help="Manifest rows as JSON lines on stdout instead of paths.")
 @click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT (default: skip complete ones).")
 def generate(out, **kw):

@@ -120,7 +120,7 @@ def _names(i, layout, prefix=None):
 
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
              guidance=2.0, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
-             prefix=None, labels="acdc", **given):
+             prefix=None, labels="acdc", preview=False, **given):
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)
     if prefix is not None:
@@ -169,7 +169,10 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         try:
             row = {**manifest_row(sid, subject, req, sampling), "labels": labels, "weights": identity,
                    "request": request}
-            row["files"] = ";".join(map(str, _write(out, layout, i, subject, prefix, labels, row)))
+            files = _write(out, layout, i, subject, prefix, labels, row)
+            if preview:
+                files.append(_preview(out, files[0], subject))
+            row["files"] = ";".join(map(str, files))
             _write_manifest(out / "manifest.csv", {sid: row})
         except BaseException:  # an error or an interrupt here: a rerun redoes this subject
             marker.write_text(FAILED)
@@ -242,6 +245,14 @@ def _write(out, layout, i, subject: Synthetic, prefix, labels, row) -> list:
 
     atomic_folder(out / sid, write_folder)
     return [Path(sid) / name for name in names]
+
+
+def _preview(out, image_rel: Path, subject: Synthetic) -> Path:
+    """The subject's PNG mosaic (jobs.preview) beside its image; returns its path relative to out."""
+    from synth4d.jobs.preview import render
+    name = image_rel.name[:-len(".nii.gz")].removesuffix("_4d") + ".png"
+    render(subject.image, subject.mask, 0, subject.es, subject.geometry.frame_ms, out / image_rel.parent / name)
+    return image_rel.parent / name
 
 
 INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
