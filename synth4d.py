@@ -78,6 +78,9 @@ def cli():
       synth4d train-motion data/             # stage 3: motion over the cycle
       synth4d generate --dx HCM --n 50 out/  # 4D image + mask NIfTI + manifest
       synth4d eval data/ out/                # FVD-style distance, controllability, coherence
+      synth4d eval data/ out/ --realism      # a segmenter fitted on real frames judges GENERATED
+      synth4d preview out/synth_0000.nii.gz s.png                    # look at a subject
+      synth4d export-nnunet data/ out/ nnUNet_raw/ --id 501 --name X  # one nnU-Net v2 data set
     """
 
 
