@@ -88,10 +88,17 @@ def cli():
 @click.argument("data", type=DATA)
 @click.option("--json", "as_json", is_flag=True, help="Print the report, per subject, as JSON on stdout.")
 @click.option("--skip-bad", is_flag=True, help="List unusable subjects instead of stopping at the first.")
-def info(data, as_json, skip_bad):
-    """Summarise the data set in DATA: layout, subjects, diagnoses, labelled frames, geometry, volumes."""
+@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="The information CSV of an M&Ms / M&Ms-2 tree, when it is not in DATA or the folders above.")
+def info(data, as_json, skip_bad, csv_path):
+    """Summarise the data set in DATA: layout, subjects, diagnoses, labelled frames, geometry, volumes.
+
+    Layouts: ACDC (patientNNN/ with Info.cfg), M&Ms (<code>/<code>_sa.nii.gz + information CSV), M&Ms-2
+    (NNN/NNN_SA_CINE.nii.gz, _SA_ED/_SA_ES volumes and _gt masks + dataset_information.csv), or a
+    folder of 4D NIfTI files with an optional CSV.
+    """
     from synth4d.cine.info import format_info, info_report
-    report = info_report(data, skip_bad=skip_bad)
+    report = info_report(data, skip_bad=skip_bad, csv_path=csv_path)
     if as_json:
         _echo_json(report)
     else:

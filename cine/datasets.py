@@ -31,6 +31,13 @@ AFFINE_TOL_MM = 1e-3
 _MNMS_TO_ACDC = np.array([0, 3, 2, 1], dtype=np.uint8)  # M&Ms 1 LV, 2 MYO, 3 RV -> ACDC 1 RV, 2 MYO, 3 LV
 _DX_ALIASES = {"ARV": "RV"}  # M&Ms abnormal right ventricle is ACDC's RV group
 _NO_DX = {"", "NA", "NAN", "NONE", "UNKNOWN"}
+# Diagnosis codes of M&Ms (NOR, DCM, HCM, ARV, HHD, IHD, AHS, LVNC, Other) and M&Ms-2 (NOR, LV, HCM, ARR,
+# FALL, CIA, RV, TRI) that are ACDC's groups by definition; every other code is kept as the subject's
+# meta["diagnosis"] and counted as "other", its group unknown to the models. Not mapped, on purpose:
+# IHD (ischaemic disease is not ACDC's MINF criterion of infarction with LVEF < 40 %), M&Ms-2 LV (a
+# dilated LV is not dilated cardiomyopathy), ARR / FALL / CIA / TRI (they may dilate the RV, but ACDC's
+# RV group is defined by RV volume or RVEF, which the code does not say).
+_DX_FOREIGN = {"NOR": "NOR", "DCM": "DCM", "HCM": "HCM", "ARV": "RV", "RV": "RV"}
 _DERIVED = re.compile(r"(_gt|_mask|_frame\d+)$")  # masks and single frames, not 4D cines
 
 
@@ -38,7 +45,7 @@ _DERIVED = re.compile(r"(_gt|_mask|_frame\d+)$")  # masks and single frames, not
 class Dataset:
     """What scan found: the layout, the usable subjects sorted by id, and the skipped files."""
 
-    layout: str                  # "acdc", "mnms" or "folder"
+    layout: str                  # "acdc", "mnms", "mnms2" or "folder"
     root: Path
     refs: list                   # list[SubjectRef], sorted by id
     problems: list = field(default_factory=list)  # [(path, reason)] of skipped subjects
@@ -49,15 +56,16 @@ class Dataset:
             yield ref.load()
 
 
-def scan(root, skip_bad=False) -> Dataset:
+def scan(root, skip_bad=False, csv_path=None) -> Dataset:
     """Detect the layout of root and list its subjects without reading any image data.
 
     The first unusable subject raises cine.DataError; with skip_bad it is recorded in problems.
+    csv_path: the information CSV of an M&Ms or M&Ms-2 tree kept elsewhere.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "not a folder")
-    layout, builders = _detect(root)
+    layout, builders = _detect(root, csv_path)
     refs, problems = [], []
     for build in builders:
         try:
@@ -72,7 +80,26 @@ def scan(root, skip_bad=False) -> Dataset:
     return Dataset(layout, root, sorted(refs, key=lambda r: r.id), problems)
 
 
-def _detect(root: Path):
+def _info_csv(root: Path, given: Optional[Path], key: str, name: str, example: str) -> tuple:
+    """(path, (columns, rows)) of a data set's information CSV: the one given, else the first CSV with a
+    `key` column in root or in one of its three parent folders (the published trees keep it beside
+    Training/)."""
+    if given is not None:
+        table = _read_csv(Path(given))
+        if key not in table[0]:
+            raise DataError(given, f"no {key.upper()} column: not the {name} information CSV")
+        return Path(given), table
+    for folder in [root, *list(root.resolve().parents)[:3]]:
+        for p in sorted(folder.glob("*.csv")):
+            if _visible(p) and p.is_file():
+                table = _read_csv(p)
+                if key in table[0]:
+                    return p, table
+    raise DataError(root, f"{name} images found but no information CSV (a CSV with a {key.upper()} column, e.g. "
+                          f"{example}) here or in the three folders above; pass --csv PATH")
+
+
+def _detect(root: Path, csv_path: Optional[Path] = None):
     """(layout, [builder() -> SubjectRef, one per candidate subject])."""
     patients = sorted(d for base in (root, root / "training", root / "testing") if base.is_dir()
                       for d in base.iterdir() if d.is_dir() and _visible(d)
@@ -80,12 +107,17 @@ def _detect(root: Path):
     if patients:
         return "acdc", [partial(_acdc_ref, d) for d in patients]
     tables = {p: _read_csv(p) for p in sorted(root.glob("*.csv")) if _visible(p) and not p.is_dir()}
-    cines = sorted(p for p in root.rglob("*_sa.nii.gz") if _visible(p))
+    from synth4d.cine import mnms2
+    cines2 = mnms2.cines(root)
+    if cines2:  # M&Ms-2: dataset_information.csv with SUBJECT_CODE
+        info, columns_rows = _info_csv(root, csv_path, "subject_code", "M&Ms-2", "dataset_information.csv")
+        rows = _by_key(info, columns_rows[1], "subject_code")
+        return "mnms2", [partial(mnms2.ref, p, rows, info) for p in cines2]
+    cines = sorted(p for p in root.rglob("*") if p.name.lower().endswith("_sa.nii.gz") and _visible(p) and p.is_file())
     if cines:  # M&Ms: the information CSV (e.g. 211230_M&Ms_Dataset_information_diagnosis_opendataset.csv)
-        info = next((p for p, (columns, _) in tables.items() if "external_code" in columns), None)
-        if info is None:
-            raise DataError(root, "M&Ms images found but no information CSV (a CSV with an 'External code' column)")
-        rows = _by_key(info, tables[info][1], "external_code")
+        info, columns_rows = _info_csv(root, csv_path, "external_code", "M&Ms",
+                                       "211230_M&Ms_Dataset_information_diagnosis_opendataset.csv")
+        rows = _by_key(info, columns_rows[1], "external_code")
         return "mnms", [partial(_mnms_ref, p, root, rows, info) for p in cines]
     images = sorted(p for p in root.iterdir()
                     if p.is_file() and _visible(p) and _is_nifti(p) and not _DERIVED.search(_stem(p)))
@@ -131,6 +163,7 @@ def _acdc_ref(folder: Path) -> SubjectRef:
 
 def _mnms_ref(image: Path, root: Path, rows: dict, csv_path: Path) -> SubjectRef:
     sid = image.name[: -len("_sa.nii.gz")]
+    gt = next((p for p in image.parent.iterdir() if p.name.lower() == f"{sid}_sa_gt.nii.gz".lower()), None)
     if sid not in rows:
         raise DataError(image, f"no row for '{sid}' in {csv_path.name}")
     row = rows[sid]
@@ -142,11 +175,13 @@ def _mnms_ref(image: Path, root: Path, rows: dict, csv_path: Path) -> SubjectRef
     meta.update(_numbers(csv_path, row, ("age", "height", "weight"), prefix=f"{sid}: "))
     meta["split"] = image.parent.parent.relative_to(root).as_posix()
     files = {"image": str(image), "info": str(csv_path)}
-    gt = image.with_name(f"{sid}_sa_gt.nii.gz")
-    if gt.exists():
+    if gt is not None:
         _check_match(gt, nifti.peek(gt, 4), shape, affine)
         files["mask"] = str(gt)
-    return _ref(sid, "mnms", files, ed, es, _dx(row.get("pathology")), meta, mask4d=files.get("mask"), mnms_labels=True)
+    dx, code = _foreign_dx(row.get("pathology"))
+    if code:
+        meta["diagnosis"] = code
+    return _ref(sid, "mnms", files, ed, es, dx, meta, mask4d=files.get("mask"), mnms_labels=True)
 
 
 def _folder_ref(image: Path, rows: dict, csv_path: Optional[Path]) -> SubjectRef:
@@ -363,6 +398,14 @@ def _frame(path, name, value, n_frames, base, required=True) -> Optional[int]:
 def _dx(value) -> Optional[str]:
     code = (value or "").strip().upper()
     return None if code in _NO_DX else _DX_ALIASES.get(code, code)
+
+
+def _foreign_dx(value) -> tuple:
+    """(ACDC group or None, the code as given or None) of another data set's diagnosis code."""
+    code = (value or "").strip().upper()
+    if code in _NO_DX:
+        return None, None
+    return _DX_FOREIGN.get(code), code
 
 
 def _visible(p: Path) -> bool:

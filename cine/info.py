@@ -13,9 +13,9 @@ from synth4d.cine.datasets import scan
 from synth4d.cine.measures import MEASURES, clinical_measures
 
 
-def info_report(root, skip_bad=False) -> dict:
+def info_report(root, skip_bad=False, csv_path=None) -> dict:
     """What the loader sees in root, as a JSON-serialisable dict; reads one subject at a time."""
-    ds = scan(root, skip_bad=skip_bad)
+    ds = scan(root, skip_bad=skip_bad, csv_path=csv_path)
     problems, subjects = list(ds.problems), []
     for ref in tqdm(ds.refs, desc="reading subjects", unit="subject", file=sys.stderr, leave=False):
         try:
@@ -27,7 +27,8 @@ def info_report(root, skip_bad=False) -> dict:
             continue
         both = s.es is not None and s.ed in s.masks and s.es in s.masks
         measures = clinical_measures(s.masks[s.ed], s.masks[s.es], s.spacing) if both else None
-        subjects.append({"id": s.id, "dx": s.dx, "ed": s.ed, "es": s.es, "frames": s.n_frames,
+        subjects.append({"id": s.id, "dx": s.dx, "diagnosis": s.meta.get("diagnosis"), "ed": s.ed, "es": s.es,
+                         "frames": s.n_frames,
                          "shape": list(s.image.shape), "spacing": [round(x, 4) for x in s.spacing],
                          "labelled_frames": sorted(s.masks), "vendor": s.meta.get("vendor"),
                          "measures": measures and {k: _json_float(v) for k, v in measures.items()}})
@@ -35,7 +36,8 @@ def info_report(root, skip_bad=False) -> dict:
         raise DataError(root, f"no readable subject ({len(problems)} skipped)")
     return {
         "layout": ds.layout, "root": str(ds.root), "n_subjects": len(subjects),
-        "diagnoses": dict(Counter(s["dx"] or "unknown" for s in subjects)),
+        "diagnoses": dict(Counter(s["dx"] or ("other" if s["diagnosis"] else "unknown") for s in subjects)),
+        "other_diagnoses": dict(Counter(s["diagnosis"] for s in subjects if s["diagnosis"] and not s["dx"])),
         "labelled_frames": sum(len(s["labelled_frames"]) for s in subjects),
         "subjects_without_labels": sum(not s["labelled_frames"] for s in subjects),
         "ranges": _ranges(subjects), "volumes": _volume_stats(subjects),
@@ -78,7 +80,9 @@ def format_info(report: dict) -> str:
     lines = [f"layout     {r['layout']}  ({r['root']})",
              f"subjects   {r['n_subjects']}  ({r['n_subjects'] - r['subjects_without_labels']} labelled, "
              f"{r['subjects_without_labels']} without labels; {r['labelled_frames']} labelled frames)",
-             "diagnoses  " + "  ".join(f"{dx} {n}" for dx, n in sorted(r["diagnoses"].items())), "",
+             "diagnoses  " + "  ".join(f"{dx} {n}" for dx, n in sorted(r["diagnoses"].items()))
+             + (" (other: " + ", ".join(f"{c} {n}" for c, n in sorted(r["other_diagnoses"].items())) + ")"
+                if r.get("other_diagnoses") else ""), "",
              f"{'geometry':<12}{'min':>8}{'max':>8}"]
     lines += [f"{k:<12}{lo:>8g}{hi:>8g}" for k, (lo, hi) in r["ranges"].items()]
     if r["volumes"]:

@@ -216,9 +216,10 @@ def test_mnms_layout_label_mapping_and_unlabelled(tmp_path):
     ds = scan(tmp_path)
     assert ds.layout == "mnms" and [r.id for r in ds.refs] == ["A1B2C3", "Q5Q5Q5", "Z9Y8X7"]
     a, q, z = ds.refs
-    assert (a.ed, a.es, a.dx, z.dx, q.dx) == (1, 3, "RV", "HHD", None)
+    assert (a.ed, a.es, a.dx, z.dx, q.dx) == (1, 3, "RV", None, None)
+    assert z.meta["diagnosis"] == "HHD" and "diagnosis" not in q.meta   # not an ACDC group: kept, counted as other
     assert a.meta == {"vendor": "A", "vendor_name": "Siemens", "sex": "M", "centre": "1", "age": 52.0,
-                      "height": 175.0, "weight": 70.5, "split": "Training/Labeled"}
+                      "height": 175.0, "weight": 70.5, "split": "Training/Labeled", "diagnosis": "ARV"}
     s = a.load()
     assert sorted(s.masks) == [1, 3]
     np.testing.assert_array_equal(s.masks[1], _frame_mask(lv=30))  # back in ACDC codes: 3 LV, 1 RV
