@@ -271,6 +271,13 @@ def _prior_options(f):
 @click.option("--labels", type=click.Choice(("acdc", "mnms")), default="acdc", show_default=True,
               help="Mask label order: acdc 1 RV, 2 MYO, 3 LV; mnms 1 LV, 2 MYO, 3 RV (M&Ms). Recorded in the manifest, "
                    "the sidecar and (acdc layout) Info.cfg, so synth4d reads the files back either way.")
+@click.option("--like", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Put each subject on this NIfTI's grid: in-plane size and spacing, slice spacing, orientation, "
+                   "field-of-view centre (the heart in the middle).")
+@click.option("--size", type=(click.IntRange(min=8, max=1024), click.IntRange(min=8, max=1024)), default=None,
+              help="In-plane voxels NX NY of the output [the model's, or --like's].")
+@click.option("--spacing", type=(float, float, float), default=None,
+              help="Output spacing SX SY SZ in mm (SZ, the slice spacing, is asked of the generator) [the model's, or --like's].")
 @click.option("--preview", is_flag=True, help="Also write a PNG mosaic per subject (ED and ES slices, mask outlined).")
 @click.option("--json", "as_json", is_flag=True, help="Manifest rows as JSON lines on stdout instead of paths.")
 @click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT (default: skip complete ones).")

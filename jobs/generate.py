@@ -24,6 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from synth4d.cine import FILE_MODE, DataError, UserError, atomic_folder, atomic_write, pid_running
+from synth4d.cine.grid import OutputGrid
+from synth4d.cine.grid import explicit as grid_explicit
+from synth4d.cine.grid import like as grid_like
 from synth4d.cine.measures import MEASURES
 from synth4d.cine.nifti import Geometry, write
 from synth4d.jobs.synthesize import DEFAULT_SAMPLER, Sampling, Synthetic, load, manifest_row, subject_seed
@@ -120,13 +123,14 @@ def _names(i, layout, prefix=None):
 
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
              guidance=2.0, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
-             prefix=None, labels="acdc", preview=False, **given):
+             prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, **given):
     """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
     out = Path(out)
     if prefix is not None:
         check_prefix(prefix)
     if labels not in LABEL_ORDERS:
         raise UserError(f"--labels {labels!r}: expected acdc or mnms")
+    output = grid_like(like, size, spacing) if like is not None else grid_explicit(size, spacing)
     model = load(weights, device)
     requests = []
     for line, req in _requests(n, dx, {k: v for k, v in given.items() if v is not None}, conditions, frames, slices):
@@ -147,7 +151,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         i = start + k
         sid, image_rel, _, _ = _names(i, layout, prefix)
         done = manifest.get(sid)
-        request = _request_id(req, sampling, identity, seed, i, labels)
+        request = _request_id(req, sampling, identity, seed, i, labels, output)
         if done and not overwrite:
             # Manifests written before the request column existed are compared by seed alone.
             if (done.get("request", request) != request
@@ -163,7 +167,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         pending.append((i, req, request))
 
     for i, req, request in tqdm(pending, desc="generating", unit="subject", file=sys.stderr, disable=not pending):
-        subject = model.subject(req, i, seed, sampling)
+        subject = model.subject(req, i, seed, sampling, output)
         sid = _names(i, layout, prefix)[0]
         marker = atomic_write(out / PENDING / sid, lambda tmp: Path(tmp).write_text(str(os.getpid())))
         try:
@@ -181,10 +185,11 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
 
 
-def _request_id(req, sampling, identity, seed, index, labels="acdc") -> str:
+def _request_id(req, sampling, identity, seed, index, labels="acdc", output: OutputGrid = OutputGrid()) -> str:
     """A digest of everything that makes subject `index`: the request, the sampling, the weights, the seed
-    (and the label order, when not the default)."""
+    (and the label order and output grid, when not the defaults)."""
     parts = [req, dataclasses.asdict(sampling), identity, seed, index] + ([labels] if labels != "acdc" else [])
+    parts += [output.describe()] if output != OutputGrid() else []
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

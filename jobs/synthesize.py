@@ -20,6 +20,7 @@ import numpy as np
 
 from synth4d.cine import UserError
 from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve
+from synth4d.cine.grid import OutputGrid, place
 from synth4d.cine.nifti import Geometry
 from synth4d.cine.priors import REQUESTABLE, check_request, draw
 from synth4d.nets.diffusion import SAMPLERS
@@ -59,7 +60,7 @@ class Synthetic:
 
     image: np.ndarray           # (X, Y, Z, T) float32 in [-1, 1]; files store round((image + 1) * 500) as int16
     mask: np.ndarray            # (X, Y, Z, T) uint8: 0 background, 1 RV, 2 MYO, 3 LV
-    geometry: Geometry          # axis-aligned affine (mm), spacing (mm), frame duration (ms)
+    geometry: Geometry          # affine (mm, cine.grid's output grid), spacing (mm), frame duration (ms)
     values: dict                # the completed request: dx, every measure, slices, slice_mm, rr_ms
     measured: dict = field(default_factory=dict)   # measures of the mask: ED = frame 0, ES = smallest LV
     es: int = 0
@@ -116,10 +117,17 @@ class Synthesizer:
         if frames is not None and not 2 <= int(frames) <= MAX_FRAMES:
             raise UserError(f"frames must be between 2 and {MAX_FRAMES}, got {frames}")
 
-    def subject(self, request: dict, index: int = 0, seed: int = 0, sampling: Sampling = Sampling()) -> Synthetic:
+    def subject(self, request: dict, index: int = 0, seed: int = 0, sampling: Sampling = Sampling(),
+                output: OutputGrid = OutputGrid()) -> Synthetic:
         """Subject `index` of a run with base `seed`: drawn, generated, measured and checked for plausibility,
-        drawn again (a new seed) up to MAX_ATTEMPTS times while the check fails."""
+        drawn again (a new seed) up to MAX_ATTEMPTS times while the check fails; then placed on the
+        `output` grid (cine.grid: by default the model's own voxels in a short-axis-like orientation,
+        centred on the world origin) and measured there."""
         T = int(request.get("frames") or 30)
+        if output.slice_mm is not None and request.get("slice_mm") is None:
+            request = {**request, "slice_mm": output.slice_mm}
+        if output.slices is not None and request.get("slices") is None:
+            request = {**request, "slices": min(output.slices, self.chain.grid.slices)}
         for attempt in range(MAX_ATTEMPTS):
             s = subject_seed(seed, index, attempt)
             values = draw(self.chain.priors, request, np.random.default_rng(s))
@@ -132,7 +140,11 @@ class Synthesizer:
             why = plausible(labels, measured)
             if not why:
                 break
-        geometry = Geometry.from_spacing(spacing, frame_ms=values["rr_ms"] / T)
+        image, labels, affine = place(image, labels, spacing, output, bg=-1.0)
+        if output.size is not None or output.spacing is not None:   # measured where the files are
+            spacing = (*(output.spacing or spacing[:2]), spacing[2])
+            measured = clinical_measures(labels[..., 0], labels[..., es], spacing)
+        geometry = Geometry(affine, tuple(float(z) for z in spacing), values["rr_ms"] / T)
         return Synthetic(image, labels, geometry, values, measured, es, s, attempt + 1, why or "yes")
 
     def generate(self, dx=None, seed: int = 0, index: int = 0, frames: int = 30, slices=None,

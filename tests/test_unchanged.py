@@ -8,7 +8,10 @@ The record was made with the code of commit 5a66601 (before the package was reor
 generate.jsonl changed and every other file kept its digest). It was made once more when outputs
 gained provenance (the header description "synth4d <version> synthetic", the label-map intent on
 every mask, the JSON sidecar and the manifest's "labels" column): every NIfTI file then changed its
-header only; voxel data and affines were compared against the previous code and were identical. Every command runs in a fresh process on one thread: with two threads, float sums in
+header only; voxel data and affines were compared against the previous code and were identical.
+And once more when generated subjects gained their short-axis-like default orientation (cine.grid):
+the generated NIfTI files changed their affine only (voxel data and spacing compared: identical);
+every other file kept its digest. Every command runs in a fresh process on one thread: with two threads, float sums in
 the convolutions are ordered differently and generated intensities differ in the last bits. Text
 outputs name files relative to the working folder; the shipped weights' folder, which differs
 between checkouts, is replaced by <weights>. A record made with other torch / numpy / nibabel
