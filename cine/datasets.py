@@ -129,8 +129,13 @@ def _detect(root: Path, csv_path: Optional[Path] = None):
         table, key = next(iter(keyed.items()), (None, None))
         rows = _by_key(table, tables[table][1], key) if table else {}
         return "folder", [partial(_folder_ref, p, rows, table) for p in images]
+    from synth4d.cine import dicom
+    folders = dicom.subject_folders(root)
+    if folders:  # DICOM cine: one series per folder
+        return "dicom", [partial(dicom.ref, d, root) for d in folders]
     raise DataError(root, "no subjects found (expected ACDC patientNNN/ folders, M&Ms <code>/<code>_sa.nii.gz "
-                          "with an information CSV, or 4D NIfTI files)")
+                          "with an information CSV, M&Ms-2 NNN/NNN_SA_CINE.nii.gz, 4D NIfTI files, or folders of "
+                          "short-axis cine DICOM files)")
 
 
 # ---- one subject per layout -------------------------------------------------------------
