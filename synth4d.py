@@ -197,6 +197,21 @@ def export_weights(runs, dest, overwrite):
 
 
 @cli.command()
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("shards", type=DATA, nargs=-1, required=True)
+def merge(out, shards):
+    """Merge folders written by `generate --shard K/N` jobs into OUT, as one run would have written it.
+
+    \b
+      for k in 1 2 3 4; do synth4d generate --n 1000 --shard $k/4 part$k/ & done; wait
+      synth4d merge synthetic/ part1/ part2/ part3/ part4/
+    """
+    from synth4d.jobs.merge import merge as run
+    ids = run(out, shards)
+    click.echo(f"{len(ids)} subjects in {out / 'manifest.csv'}")
+
+
+@cli.command()
 @click.argument("subject", type=click.Path(exists=True, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 def preview(subject, out):
@@ -278,6 +293,9 @@ def _prior_options(f):
               help="In-plane voxels NX NY of the output [the model's, or --like's].")
 @click.option("--spacing", type=(float, float, float), default=None,
               help="Output spacing SX SY SZ in mm (SZ, the slice spacing, is asked of the generator) [the model's, or --like's].")
+@click.option("--shard", default=None,
+              help="Generate only shard K/N of the subjects (contiguous blocks; the same files a single run writes); "
+                   "under torchrun each rank takes its own. Merge shard folders with `synth4d merge`.")
 @click.option("--preview", is_flag=True, help="Also write a PNG mosaic per subject (ED and ES slices, mask outlined).")
 @click.option("--json", "as_json", is_flag=True, help="Manifest rows as JSON lines on stdout instead of paths.")
 @click.option("--overwrite", is_flag=True, help="Replace subjects already in OUT (default: skip complete ones).")

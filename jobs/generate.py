@@ -123,8 +123,9 @@ def _names(i, layout, prefix=None):
 
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
              guidance=2.0, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
-             prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, **given):
-    """Generate subjects start .. start + n - 1 into `out`; yields one manifest row (dict) per subject."""
+             prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, shard=None, **given):
+    """Generate subjects start .. start + n - 1 into `out` (only shard K of N of them with shard="K/N");
+    yields one manifest row (dict) per subject."""
     out = Path(out)
     if prefix is not None:
         check_prefix(prefix)
@@ -147,7 +148,10 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
 
     manifest = _read_manifest(out / "manifest.csv")
     pending = []
+    first, last = shard_range(shard, len(requests))
     for k, req in enumerate(requests):
+        if not first <= k < last:
+            continue
         i = start + k
         sid, image_rel, _, _ = _names(i, layout, prefix)
         done = manifest.get(sid)
@@ -183,6 +187,24 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
             raise
         marker.unlink()
         yield {**row, "files": [str(out / p) for p in row["files"].split(";")]}
+
+
+def shard_range(shard, n: int) -> tuple:
+    """[first, last) of the n subjects that shard "K/N" generates: the K-th of N contiguous, near-equal
+    blocks (the same indices, seeds and files a single run gives them). None: all; under torchrun
+    (RANK and WORLD_SIZE set, WORLD_SIZE > 1) each rank takes its own block."""
+    if shard is None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world <= 1:
+            return 0, n
+        shard = f"{int(os.environ.get('RANK', '0')) + 1}/{world}"
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise UserError(f"--shard {str(shard)[:20]!r}: expected K/N with 1 <= K <= N, e.g. 2/8")
+    k, parts = int(m.group(1)), int(m.group(2))
+    if parts > n:
+        raise UserError(f"--shard {k}/{parts}: {parts} shards for {n} subjects would leave some empty; use at most {n}")
+    return (k - 1) * n // parts, k * n // parts
 
 
 def _request_id(req, sampling, identity, seed, index, labels="acdc", output: OutputGrid = OutputGrid()) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -9,10 +10,13 @@ from synth4d.cine import UserError
 
 
 def select_device(name: str) -> torch.device:
-    """torch.device from a CLI string ("auto": CUDA, then MPS, then the CPU); a clear UserError when the
+    """torch.device from a CLI string ("auto": CUDA (cuda:LOCAL_RANK under torchrun), then MPS, then the CPU);
+    a clear UserError when the
     device is unknown or absent. On CUDA, TF32 matmuls and convolutions are allowed (Ampere and later)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "auto":   # under torchrun, each process takes the GPU of its LOCAL_RANK
+        local = os.environ.get("LOCAL_RANK", "")
+        cuda = f"cuda:{int(local) % max(torch.cuda.device_count(), 1)}" if local.isdigit() else "cuda"
+        name = cuda if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
