@@ -32,8 +32,10 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(*LOGVAR_RANGE)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * eps, eps from `noise` when given (the caller's draw), else drawn here."""
+        eps = noise.to(self.mean) if noise is not None else torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> torch.Tensor:
@@ -122,9 +124,11 @@ class VAE(nn.Module):
             image, logits = image[:, :, :size[0], :size[1]], logits[:, :, :size[0], :size[1]]
         return image, logits
 
-    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
-        """x (B, 1, X, Y, Z) -> (image (B, 1, X, Y, Z), logits (B, n_classes, X, Y, Z), posterior)."""
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None):
+        """x (B, 1, X, Y, Z) -> (image (B, 1, X, Y, Z), logits (B, n_classes, X, Y, Z), posterior);
+        noise: the posterior sample's standard normal draw (B, latent_ch, x, y, Z), if the caller makes it."""
         posterior = self.encode(x)
-        z = posterior.sample(generator) if sample else posterior.mode()
+        z = posterior.sample(generator, noise) if sample else posterior.mode()
         image, logits = self.decode(z, size=x.shape[2:4])
         return image, logits, posterior

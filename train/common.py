@@ -233,3 +233,89 @@ class RunLog:
         if self._n:
             self._flush()
         self.bar.close()
+
+
+class Processes:
+    """The processes of one training run: a torchrun launch (RANK, WORLD_SIZE, LOCAL_RANK and the
+    rendezvous variables set) or a single process (world 1, every method a no-op).
+
+    Data parallelism the way the loops use it: every rank draws the same global batch from the run's
+    RunRandom and trains on its own contiguous slice of it; DistributedDataParallel averages the
+    gradients, which equals the global batch's mean loss when the slices are equal (so the batch size
+    must divide by the world size) and the loss is a mean over samples. Rank 0 alone writes the run
+    folder, logs, evaluates and saves; every rank restores the same resume state.
+    """
+
+    def __init__(self):
+        import os
+        self.world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+        self.group = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def start(self, device: torch.device, batch_size: int) -> None:
+        if self.world <= 1:
+            return
+        if batch_size % self.world:
+            raise UserError(f"batch size {batch_size} does not divide among {self.world} processes; "
+                            f"use a multiple of {self.world}")
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.group = True
+
+    def part(self, batch_size: int) -> slice:
+        """This rank's slice of a global batch."""
+        if self.world <= 1:
+            return slice(0, batch_size)
+        n = batch_size // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        if not self.group:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over the ranks (for logging and the finite check)."""
+        if not self.group:
+            return value
+        import torch.distributed as dist
+        v = value.detach().clone()
+        dist.all_reduce(v)
+        return v / self.world
+
+    def barrier(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def agree(self, settings: dict) -> None:
+        """Refuse ranks that were given different settings (one line, on every rank)."""
+        if not self.group:
+            return
+        import torch.distributed as dist
+        mine = json.dumps(settings, sort_keys=True, default=str)
+        everyone = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        if len(set(everyone)) > 1:
+            raise UserError("the processes of this run were given different settings; launch every rank alike")
+
+    def close(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self.group = False
+
+
+class QuietLog:
+    """RunLog's interface for ranks other than 0: they train, rank 0 reports."""
+
+    def __getattr__(self, name):
+        if name == "paused":
+            return contextlib.nullcontext
+        return lambda *a, **k: None

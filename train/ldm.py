@@ -24,8 +24,8 @@ from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.diffusion import diffusion_loss, make_schedule, min_snr_v_weight, q_sample, timestep_buckets
 from synth4d.nets.unet import UNet
-from synth4d.train.common import (RunLog, RunRandom, check_finite, load_state, lr_at, make_ema, open_run, read_split,
-                                  save_state, update_ema, write_split)
+from synth4d.train.common import (Processes, QuietLog, RunLog, RunRandom, check_finite, load_state, lr_at, make_ema,
+                                  open_run, read_split, save_state, update_ema, write_split)
 from synth4d.weights.checkpoint import REMOVED_AT, load_init, save_checkpoint
 
 SCHEDULE, PRED = "cosine", "v"
@@ -44,6 +44,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     target scale are kept; optimiser, learning-rate schedule and step count start afresh.
     """
     out, stage = Path(out), task.stage
+    procs = Processes()
     dev = select_device(device)
     ckpt_path, state_path = out / f"{stage}.safetensors", out / f"{stage}.state.pt"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
@@ -59,13 +60,22 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     total = run["steps"] = run["steps"] or defaults.steps
     bs = run["batch_size"] = run["batch_size"] or defaults.batch_size
     peak = run["lr"] = run["lr"] or defaults.lr
+    procs.start(dev, bs)
+    procs.agree(run)
+    if not procs.main:
+        procs.barrier()   # rank 0 encodes (and caches) first, then writes the run folder
     subjects, vae_meta = encode_dataset(data, run["vae"], cache=cache, skip_bad=skip_bad, device=device)
     if vae_meta["grid"] != p.grid:
         raise UserError(f"the VAE {run['vae']} was trained on another grid than preset {p.name!r}")
-    # The run folder is made once the data are known to be usable: a refused data set leaves nothing behind.
-    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
     by_id = {s.id: s for s in subjects}
-    train_ids, val_ids = (read_split(out, by_id) if restore else write_split(out, list(by_id), VAL_FRACTION, run["seed"]))
+    if procs.main:
+        # The run folder is made once the data are known to be usable: a refused data set leaves nothing behind.
+        atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
+        train_ids, val_ids = (read_split(out, by_id) if restore
+                              else write_split(out, list(by_id), VAL_FRACTION, run["seed"]))
+        procs.barrier()
+    else:
+        train_ids, val_ids = read_split(out, by_id)
     train, val = [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
     dx_vocab = sorted({s.dx for s in train if s.dx})
     cfg = dataclasses.replace(getattr(p, stage), dx_vocab=tuple(dx_vocab))
@@ -81,6 +91,7 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     # channels_last_3d: on the CPU, conv3d's weight gradient is several times faster in this layout.
     model = model.to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
+    net = procs.wrap(model, dev)      # the forward pass of this rank; `model` is what is saved
     opt = torch.optim.AdamW(model.parameters(), lr=peak, weight_decay=0.0)
     sched = make_schedule(SCHEDULE)
     rng = RunRandom(run["seed"])
@@ -97,13 +108,14 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         labelled = [s.values() for s in train if set(PRIOR_FIELDS) <= set(s.values())]
         meta["priors"] = fit_priors(labelled)
 
-    log = RunLog(out, total, start)
+    log = RunLog(out, total, start) if procs.main else QuietLog()
     if resume and not restore:
         log.note(f"no resume state in {out} yet (stopped before its first checkpoint): starting again from step 0")
     seconds0 = history[-1]["seconds"] if history else 0
     log.note(f"{stage} LDM {p.name}: {len(train)} training subjects, {len(val)} held out, "
              f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f}M parameters; steps {start}->{total}, "
-             f"batch {bs}, lr {peak:g}, device {dev}")
+             f"batch {bs}, lr {peak:g}, device {dev}" + (f", {procs.world} processes" if procs.world > 1 else ""))
+    part = procs.part(bs)
     model.train()
     bucket_sum, bucket_n = torch.zeros(N_BUCKETS), torch.zeros(N_BUCKETS)
     for step in range(start, total):
@@ -114,29 +126,29 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
         cond = drop_conditions(cond, len(dx_vocab), P_DROP_ALL, P_DROP_EACH, generator=rng.generator)
         t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=rng.generator)
         eps = rng.normal(*x0.shape)
-        x0, eps, t = x0.to(dev), eps.to(dev), t.to(dev)
-        ctx = None if ctx is None else ctx.to(dev, memory_format=torch.channels_last_3d)
-        cond = {k: v.to(dev) for k, v in cond.items()}
+        x0, eps, t = x0[part].to(dev), eps[part].to(dev), t[part].to(dev)       # this rank's share of the batch
+        ctx = None if ctx is None else ctx[part].to(dev, memory_format=torch.channels_last_3d)
+        cond = {k: v[part].to(dev) for k, v in cond.items()}
         with autocast(dev):
             x_t = q_sample(x0, t, eps, sched).contiguous(memory_format=torch.channels_last_3d)
-            pred = model(x_t, t, cond, ctx=ctx)
+            pred = net(x_t, t, cond, ctx=ctx)
         mse = diffusion_loss(pred.float(), x0, eps, t, sched, pred=PRED)                           # (B,)
         per_sample = mse * min_snr_v_weight(t, sched).to(device=mse.device, dtype=mse.dtype)
         loss = per_sample.mean()
-        check_finite(loss, step, out, log)
+        check_finite(procs.mean(loss), step, out, log)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         # EMA warm-up (decay (1 + n) / (10 + n)): a few-thousand-step run is not dominated by early weights.
         update_ema(ema, model, min(EMA_DECAY, (1 + step) / (10 + step)) if step > 0 else 0.0)
-        log.step(step, {"loss": loss.item()}, lr_now)
+        log.step(step, {"loss": procs.mean(loss).item()}, lr_now)
         b = timestep_buckets(t, sched, N_BUCKETS).cpu()
         bucket_sum.index_add_(0, b, per_sample.detach().cpu())
         bucket_n.index_add_(0, b, torch.ones_like(per_sample.detach().cpu()))
 
         done = step + 1
-        if done % ckpt_every == 0 or done == total:
+        if (done % ckpt_every == 0 or done == total) and procs.main:
             with log.paused():
                 edges = [i * sched.n_steps // N_BUCKETS for i in range(N_BUCKETS + 1)]
                 log.buckets(step, {f"t{edges[i]}-{edges[i + 1] - 1}": (bucket_sum[i] / bucket_n[i].clamp_min(1)).item()
@@ -150,6 +162,8 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
                 save_state(state_path, model, opt, ema, done,
                            {"rng": rng.state(), "history": json.dumps(history)})
     log.close()
+    procs.barrier()
+    procs.close()
     return str(ckpt_path)
 
 

@@ -25,8 +25,8 @@ from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.pipeline import encode_frames, reconstruct_frames
 from synth4d.nets.vae import VAE
-from synth4d.train.common import (RunLog, RunRandom, check_finite, load_state, lr_at, make_ema, open_run, read_split,
-                                  save_state, update_ema, write_split)
+from synth4d.train.common import (Processes, QuietLog, RunLog, RunRandom, check_finite, load_state, lr_at, make_ema,
+                                  open_run, read_split, save_state, update_ema, write_split)
 from synth4d.weights.checkpoint import save_checkpoint
 
 KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
@@ -44,6 +44,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     from synth4d.cine.prep import prepare_dataset
 
     out = Path(out)
+    procs = Processes()
     dev = select_device(device)
     state_path, best_path, last_path = out / "vae.state.pt", out / "vae.safetensors", out / "vae_last.safetensors"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
@@ -53,13 +54,22 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     run["batch_size"] = run["batch_size"] or p.train_vae.batch_size
     run["lr"] = run["lr"] or p.train_vae.lr
     total, bs, seed = run["steps"], run["batch_size"], run["seed"]
-    subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad)}
+    procs.start(dev, bs)
+    procs.agree(run)
+    if not procs.main:
+        procs.barrier()   # rank 0 prepares (and caches) first, then writes the run folder
+    subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad,
+                                                 progress=procs.main)}
     if len(subjects) < 2:
         raise UserError(f"{data} holds {len(subjects)} usable subject; the VAE needs at least 2 (one is held out)")
-    # The run folder is made once the data are known to be usable: a refused data set leaves nothing behind.
-    atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
-    train_ids, val_ids = (read_split(out, subjects) if restore
-                          else write_split(out, list(subjects), VAL_FRACTION, seed))
+    if procs.main:
+        # The run folder is made once the data are known to be usable: a refused data set leaves nothing behind.
+        atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(json.dumps(run, indent=1)))
+        train_ids, val_ids = (read_split(out, subjects) if restore
+                              else write_split(out, list(subjects), VAL_FRACTION, seed))
+        procs.barrier()
+    else:
+        train_ids, val_ids = read_split(out, subjects)
     train, val = [subjects[i] for i in train_ids], [subjects[i] for i in val_ids]
     frames = [(s, t) for s, subj in enumerate(train) for t in range(subj.image.shape[3])]
     labelled = [(s, t) for s, subj in enumerate(train) for t in sorted(subj.masks)]
@@ -68,6 +78,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     # channels_last_3d: on the CPU, conv3d's weight gradient is several times faster in this layout.
     model = VAE(p.vae).to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
+    net = procs.wrap(model, dev)      # the forward pass of this rank; `model` is what is saved
     opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
     rng = RunRandom(seed)
     start, best = 0, {"score": -float("inf")}
@@ -80,31 +91,39 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     meta = {"preset": p.name, "grid": dataclasses.asdict(p.grid), "train_subjects": len(train),
             "labelled_frames": len(labelled), "seed": seed}
 
-    log = RunLog(out, total, start)
+    log = RunLog(out, total, start) if procs.main else QuietLog()
     if resume and not restore:
         log.note(f"no resume state in {out} yet (stopped before its first evaluation): starting again from step 0")
     log.note(f"VAE {p.name}: {len(train)} training subjects ({len(frames)} frames, {len(labelled)} labelled), "
-             f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, device {dev}")
+             f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, device {dev}"
+             + (f", {procs.world} processes" if procs.world > 1 else ""))
+    part = procs.part(bs)
     model.train()
     for step in range(start, total):
         lr_now = lr_at(step, run["lr"], warmup, total)
         for group in opt.param_groups:
             group["lr"] = lr_now
-        x, target, mask, label_w, zmask = (t.to(dev) for t in _batch(train, frames, labelled, rng, bs))
+        batch = _batch(train, frames, labelled, rng, bs)                       # the global batch, on every rank
+        X, Y, Z = batch[0].shape[2:]
+        f = p.vae.factor
+        noise = rng.normal(bs, p.vae.latent_ch, -(-X // f), -(-Y // f), Z)   # the posterior draw, also global
+        totals = loss_totals(batch[1], batch[3], batch[4])
+        x, target, mask, label_w, zmask, noise = (t[part].to(dev) for t in (*batch, noise))   # this rank's share
         x = x.to(memory_format=torch.channels_last_3d)
         with autocast(dev):
-            image, logits, posterior = model(x)
-        losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask)
-        check_finite(losses["loss"], step, out, log)
+            image, logits, posterior = net(x, noise=noise)
+        losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask, totals={k: v.to(dev) for k, v in
+                          totals.items()}, share=procs.world)
+        check_finite(procs.mean(losses["loss"]), step, out, log)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         update_ema(ema, model, decay if step > 0 else 0.0)
-        log.step(step, {k: v.item() for k, v in losses.items()}, lr_now)
+        log.step(step, {k: procs.mean(v).item() for k, v in losses.items()}, lr_now)
 
         done = step + 1
-        if done % eval_every == 0 or done == total:
+        if (done % eval_every == 0 or done == total) and procs.main:
             with log.paused():
                 figures = evaluate_vae(ema, val, dev)
                 log.eval(done, figures)
@@ -117,6 +136,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
                 save_state(state_path, model, opt, ema, done, {"rng": rng.state(), "best": best})
     log.note(f"best checkpoint: step {best.get('step')} ({best_path})")
     log.close()
+    procs.barrier()
+    procs.close()
     return str(best_path)
 
 
@@ -146,26 +167,37 @@ def _batch(train, frames, labelled, rng: RunRandom, bs: int):
     return target + noise, target, mask, label_w, zmask
 
 
-def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=KL_WEIGHT) -> dict:
+def loss_totals(target, label_w, zmask) -> dict:
+    """The denominators of vae_loss's weighted means over a (global) batch."""
+    voxels = target.shape[2] * target.shape[3]
+    return {"real": zmask.sum() * voxels, "labelled": (label_w[:, None, None, None] * zmask[:, 0]).sum() * voxels,
+            "frames": label_w.sum()}
+
+
+def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=KL_WEIGHT, totals=None,
+             share=1.0) -> dict:
     """Loss terms (scalars): L1 reconstruction and KL on every frame, CE + soft Dice on labelled ones.
 
     image (B, 1, X, Y, Z), logits (B, C, X, Y, Z), target (B, 1, X, Y, Z), mask (B, X, Y, Z) long,
     label_w (B,) 1 for a labelled frame, 0 otherwise; zmask (B, 1, 1, 1, Z) 1 on real slices.
+    Under data parallelism each rank passes the global batch's `totals` (loss_totals) and share = the
+    world size, so that the ranks' averaged gradients are the global batch's.
     """
     image, logits = image.float(), logits.float()
+    totals = totals or loss_totals(target, label_w, zmask)
     w = zmask.expand_as(target)
-    rec = ((image - target).abs() * w).sum() / w.sum()
+    rec = ((image - target).abs() * w).sum() / totals["real"] * share
     kl = posterior.kl().float().mean()
     voxel_w = label_w[:, None, None, None] * zmask[:, 0]                     # (B, 1, 1, Z) -> broadcast
     ce_map = F.cross_entropy(logits, mask, reduction="none")                 # (B, X, Y, Z)
     voxel_w = voxel_w.expand_as(ce_map)
-    ce = (ce_map * voxel_w).sum() / voxel_w.sum().clamp_min(1.0)
+    ce = (ce_map * voxel_w).sum() / totals["labelled"].clamp_min(1.0) * share
     prob = logits.softmax(dim=1)[:, 1:] * zmask                              # (B, C - 1, X, Y, Z)
     onehot = F.one_hot(mask, logits.shape[1]).movedim(-1, 1)[:, 1:].float() * zmask
     inter = (prob * onehot).sum(dim=(2, 3, 4))                               # (B, C - 1)
     denom = (prob + onehot).sum(dim=(2, 3, 4))
     soft_dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean(dim=1)        # (B,)
-    dice = (soft_dice * label_w).sum() / label_w.sum().clamp_min(1.0)
+    dice = (soft_dice * label_w).sum() / totals["frames"].clamp_min(1.0) * share
     loss = rec + kl_weight * kl + ce + dice
     return {"loss": loss, "l1": rec, "kl": kl, "ce": ce, "dice": dice}
 
