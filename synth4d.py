@@ -43,6 +43,10 @@ def _echo_json(obj):
     click.echo(json.dumps(clean(obj), indent=None, default=str, allow_nan=False))
 
 
+CSV = click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                   help="The information CSV of an M&Ms / M&Ms-2 tree, when it is not in DATA or the folders above.")
+
+
 def _common_train(f):
     """Options every training stage shares."""
     opts = [
@@ -57,6 +61,7 @@ def _common_train(f):
         click.option("--skip-bad", is_flag=True, help="Skip subjects whose files are unusable (listed on stderr) instead of stopping."),
         click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Folder for prepared arrays [~/.cache/synth4d]."),
+        CSV,
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -88,8 +93,7 @@ def cli():
 @click.argument("data", type=DATA)
 @click.option("--json", "as_json", is_flag=True, help="Print the report, per subject, as JSON on stdout.")
 @click.option("--skip-bad", is_flag=True, help="List unusable subjects instead of stopping at the first.")
-@click.option("--csv", "csv_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The information CSV of an M&Ms / M&Ms-2 tree, when it is not in DATA or the folders above.")
+@CSV
 def info(data, as_json, skip_bad, csv_path):
     """Summarise the data set in DATA: layout, subjects, diagnoses, labelled frames, geometry, volumes.
 

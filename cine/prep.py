@@ -353,9 +353,10 @@ def _prepare_cached(ref, grid, folder: Path) -> Prepared:
     return p
 
 
-def prepare_dataset(root, grid, cache_dir=None, skip_bad=False, progress=True) -> list:
-    """Scan root and prepare every subject (cached); subjects skipped with skip_bad are listed on stderr."""
-    ds = scan(root, skip_bad=skip_bad)
+def prepare_dataset(root, grid, cache_dir=None, skip_bad=False, progress=True, csv_path=None) -> list:
+    """Scan root and prepare every subject (cached); subjects skipped with skip_bad are listed on stderr.
+    csv_path: an M&Ms / M&Ms-2 information CSV kept elsewhere (cine.datasets.scan)."""
+    ds = scan(root, skip_bad=skip_bad, csv_path=csv_path)
     for path, reason in ds.problems:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     prepared = prepare_refs(ds.refs, grid, cache_dir, skip_bad, progress)

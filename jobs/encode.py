@@ -75,14 +75,14 @@ def _read_latent(path: Path, frames: int):
 
 
 @torch.no_grad()
-def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="auto", batch=16) -> tuple[list, dict]:
+def encode_dataset(data, vae_path, cache=None, skip_bad=False, device="auto", batch=16, csv_path=None) -> tuple[list, dict]:
     """-> (list[LatentSubject], vae meta). Each subject's latent is cached under cache/latents/<VAE>/,
     so adding subjects to a data set encodes only the new ones."""
     dev = select_device(device)
     vae, meta = load_vae(vae_path, dev)
     if "scale" not in meta or "grid" not in meta:
         raise DataError(vae_path, "VAE checkpoint lacks its measured latent scale or grid; retrain or pass a finished run")
-    subjects = prepare_dataset(data, meta["grid"], cache_dir=cache, skip_bad=skip_bad)
+    subjects = prepare_dataset(data, meta["grid"], cache_dir=cache, skip_bad=skip_bad, csv_path=csv_path)
     folder = Path(cache or default_cache_dir()) / "latents" / _file_digest(vae_path)
     folder.mkdir(parents=True, exist_ok=True)
     out, scale = [], float(meta["scale"])

@@ -90,6 +90,9 @@ def test_mnms2_missing_row_and_missing_csv(tree, tmp_path):
     assert [r.dx for r in ds.refs] == ["NOR", "HCM", None]
     result = CliRunner().invoke(cli, ["info", str(root), "--csv", str(elsewhere), "--json"])
     assert result.exit_code == 0 and '"TRI": 1' in result.stdout
+    result = CliRunner().invoke(cli, ["train-vae", str(root), "--csv", str(elsewhere), "--preset", "tiny", "--steps", "1",
+                                      "--out", str(tmp_path / "vae"), "--cache", str(tmp_path / "cache")])
+    assert result.exit_code == 0 and (tmp_path / "vae" / "vae.safetensors").is_file(), result.output
 
 
 def test_mnms1_csv_above_the_folder_given_and_case_insensitive(tiny_phantom, tmp_path):

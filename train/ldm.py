@@ -37,7 +37,7 @@ N_BUCKETS = 4
 
 
 def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False,
-              device="auto", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None) -> str:
+              device="auto", seed=0, skip_bad=False, cache=None, ckpt_every=250, init=None, csv_path=None) -> str:
     """Train one latent diffusion stage; returns the path of out/<stage>.safetensors (the EMA weights).
 
     init: a <stage>.safetensors to start from (fine-tuning): its weights, condition normalisation and
@@ -64,7 +64,8 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     procs.agree(run)
     if not procs.main:
         procs.barrier()   # rank 0 encodes (and caches) first, then writes the run folder
-    subjects, vae_meta = encode_dataset(data, run["vae"], cache=cache, skip_bad=skip_bad, device=device)
+    subjects, vae_meta = encode_dataset(data, run["vae"], cache=cache, skip_bad=skip_bad, device=device,
+                                        csv_path=csv_path)
     if vae_meta["grid"] != p.grid:
         raise UserError(f"the VAE {run['vae']} was trained on another grid than preset {p.name!r}")
     by_id = {s.id: s for s in subjects}

@@ -39,7 +39,7 @@ STRUCTURES = (1, 2, 3)
 
 
 def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="auto",
-              seed=0, skip_bad=False, cache=None, eval_every=500) -> str:
+              seed=0, skip_bad=False, cache=None, eval_every=500, csv_path=None) -> str:
     """Train the VAE on the data set in `data`; returns the path of the best checkpoint (out/vae.safetensors)."""
     from synth4d.cine.prep import prepare_dataset
 
@@ -59,7 +59,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     if not procs.main:
         procs.barrier()   # rank 0 prepares (and caches) first, then writes the run folder
     subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad,
-                                                 progress=procs.main)}
+                                                 progress=procs.main, csv_path=csv_path)}
     if len(subjects) < 2:
         raise UserError(f"{data} holds {len(subjects)} usable subject; the VAE needs at least 2 (one is held out)")
     if procs.main:
