@@ -32,13 +32,16 @@ CLI = [sys.executable, "-m", "synth4d"]
 
 
 def run(argv, log: Path, env=None):
-    """Run one synth4d command, stdout to log (kept), stderr to log.err; stop the experiment on failure."""
+    """Run one synth4d command, stdout to log (kept; in place only once the command succeeded, so a rerun
+    never mistakes a half-written result for a finished one), stderr to log.err; stop on failure."""
     argv = [str(a) for a in argv]
     print("$ synth4d " + " ".join(argv), flush=True)
-    with open(log, "w") as out, open(log.with_suffix(log.suffix + ".err"), "w") as err:
+    partial = log.with_name(f".{log.name}.partial")
+    with open(partial, "w") as out, open(log.with_suffix(log.suffix + ".err"), "w") as err:
         code = subprocess.call(CLI + argv, stdout=out, stderr=err, env={**os.environ, **(env or {})})
     if code:
         sys.exit(f"failed ({code}): see {log}.err")
+    partial.replace(log)
 
 
 def start(argv, log: Path, env=None) -> subprocess.Popen:
