@@ -34,8 +34,9 @@ ARMS = ("real", "real+synthetic")
 
 
 def _files(ds) -> dict:
-    """Resolved path -> subject id of every file a data set's subjects read."""
-    return {os.path.realpath(p): ref.id for ref in ds.refs for p in ref.files.values()}
+    """Resolved path -> subject id of every image and mask file a data set's subjects read (not the
+    information CSV or Info.cfg, which sets cut from one tree may share)."""
+    return {os.path.realpath(p): ref.id for ref in ds.refs for role, p in ref.files.items() if role != "info"}
 
 
 def check_sets(train_ds, test_ds, syn_ds=None):
