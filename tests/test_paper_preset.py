@@ -1,4 +1,5 @@
-"""The `paper` preset exercised on the CPU: built, one training step of each stage, one short subject generated.
+"""The `paper` preset exercised on the CPU: built, one training step of each stage, one 30-frame subject generated
+with 2 sampler steps and 2 motion keyframes (every frame decoded).
 
 Slow (minutes on a 2-core CPU), so it runs only with SYNTH4D_SLOW=1; CI skips it. It prints the parameter
 counts, the seconds of each part and the process's peak memory.
@@ -68,8 +69,9 @@ def test_paper_preset_trains_and_generates():
                         {n: (0.0, 1.0) for n in conditions.STATIC}, {n: (0.0, 1.0) for n in conditions.MOTION},
                         p.grid, {})
     clock = time.perf_counter()
-    image, labels = chain.generate({"dx": "NOR"}, n_slices=12, phases=[0.0, 0.5], seed=0, steps=2, guidance=2.0)
-    times["generate 2 frames, 2 steps"] = time.perf_counter() - clock
-    assert image.shape == (X, X, Z, 2) and labels.shape == image.shape and torch.isfinite(image).all()
+    image, labels = chain.generate({"dx": "NOR"}, n_slices=12, phases=[t / 30 for t in range(30)], seed=0, steps=2,
+                                   guidance=2.0, keyframes=2)
+    times["generate 30 frames, 2 steps, 2 keyframes"] = time.perf_counter() - clock
+    assert image.shape == (X, X, Z, 30) and labels.shape == image.shape and torch.isfinite(image).all()
     print("seconds:", {k: round(v, 1) for k, v in times.items()},
           f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
