@@ -53,3 +53,33 @@ def fails_at(k, real, error):
             raise error
         return real(*args, **kwargs)
     return wrapped
+
+
+def interrupt_each_write(train, modules, monkeypatch, tmp_path, contents, expected) -> int:
+    """Run train(out) with its k-th atomic write interrupted (KeyboardInterrupt), for k = 1, 2, ... until a
+    run finishes uninterrupted; after each interruption train(out, resume=True) (or train(out) when
+    nothing was written to resume) must leave contents(out) == expected. Returns the k that finished,
+    one more than the number of atomic writes of a run."""
+    import synth4d.cine
+    from synth4d.cine import UserError
+    real, k = synth4d.cine.atomic_write, 0
+    while True:
+        k += 1
+        out = tmp_path / f"fault{k}"
+        faulty = fails_at(k, real, KeyboardInterrupt)   # one count over every module's writes
+        for m in modules:
+            monkeypatch.setattr(m, "atomic_write", faulty)
+        try:
+            train(out)
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        for m in modules:
+            monkeypatch.setattr(m, "atomic_write", real)
+        if finished:
+            return k
+        try:
+            train(out, resume=True)
+        except UserError:   # nothing written yet: start it
+            train(out)
+        assert contents(out) == expected, k

@@ -155,11 +155,10 @@ def test_a_fault_at_any_atomic_write_of_ldm_training_is_recovered(tiny_phantom, 
     """Interrupt the static stage at its k-th atomic write (run.json, split.json, then checkpoint and resume
     state at every checkpoint), then --resume (or start, when nothing was written): the run ends with the
     weights, metadata and split of an uninterrupted one, for every k."""
-    import synth4d.cine
     import synth4d.train.common as common
     import synth4d.weights.checkpoint as checkpoint
     from synth4d.train.static import train_static
-    from tests.conftest import fails_at
+    from tests.conftest import interrupt_each_write
     vae = tiny_weights / "vae.safetensors"
     run = dict(preset="tiny", steps=4, batch_size=2, ckpt_every=2, cache=tmp_path / "cache")
     train_static(tiny_phantom, vae, tmp_path / "whole", **run)
@@ -169,26 +168,9 @@ def test_a_fault_at_any_atomic_write_of_ldm_training_is_recovered(tiny_phantom, 
         meta = {k: v for k, v in meta.items() if k != "history"}     # history holds wall-clock seconds
         return {k: v.numpy().tobytes() for k, v in state.items()}, meta, (folder / "split.json").read_bytes()
 
-    expected = contents(tmp_path / "whole")
-    real, modules, k = synth4d.cine.atomic_write, (ldm, common, checkpoint), 0
-    while True:
-        k += 1
-        faulty = fails_at(k, real, KeyboardInterrupt)
-        out = tmp_path / f"fault{k}"
-        for m in modules:
-            monkeypatch.setattr(m, "atomic_write", faulty)
-        try:
-            train_static(tiny_phantom, vae, out, **run)
-            finished = True
-        except KeyboardInterrupt:
-            finished = False
-        for m in modules:
-            monkeypatch.setattr(m, "atomic_write", real)
-        if finished:
-            break
-        try:
-            train_static(tiny_phantom, vae, out, resume=True, **{**run, "steps": None})
-        except UserError:   # nothing written yet: start it
-            train_static(tiny_phantom, vae, out, **run)
-        assert contents(out) == expected, k
+    def train(out, resume=False):
+        train_static(tiny_phantom, vae, out, resume=resume, **({**run, "steps": None} if resume else run))
+
+    k = interrupt_each_write(train, (ldm, common, checkpoint), monkeypatch, tmp_path, contents,
+                             contents(tmp_path / "whole"))
     assert k == 7   # run.json, split.json, then the checkpoint and the resume state, twice

@@ -17,7 +17,7 @@ from synth4d.nets.vae import VAE, DiagonalGaussian
 from synth4d import cli
 from synth4d.weights.checkpoint import load_vae, read_checkpoint, save_checkpoint
 from synth4d.jobs.segment import segment
-from tests.conftest import fails_at
+from tests.conftest import interrupt_each_write
 
 TINY = get_preset("tiny")
 
@@ -253,7 +253,6 @@ def test_a_fault_at_any_atomic_write_of_training_is_recovered(phantom, tmp_path,
     """Interrupt at the k-th atomic write of a run (run.json, split.json, checkpoints, resume state), then
     --resume (or start, when nothing was written): the run always ends with the weights, metadata and split of
     an uninterrupted one."""
-    import synth4d.cine
     import synth4d.train.common as common
     import synth4d.weights.checkpoint as checkpoint
     run = dict(preset="tiny", steps=4, batch_size=2, eval_every=2, cache=tmp_path / "cache")
@@ -266,27 +265,9 @@ def test_a_fault_at_any_atomic_write_of_training_is_recovered(phantom, tmp_path,
         return {n: ({k: v.numpy().tobytes() for k, v in state.items()}, meta) for n, (state, meta) in out.items()} | {
             "split.json": (folder / "split.json").read_bytes()}
 
-    expected = contents(tmp_path / "whole")
-    real, modules, k = synth4d.cine.atomic_write, (tv, common, checkpoint), 0
-    while True:
-        k += 1
-        faulty = fails_at(k, real, KeyboardInterrupt)
+    def train(out, resume=False):
+        tv.train_vae(phantom, out, resume=resume, **({**run, "steps": None} if resume else run))
 
-        out = tmp_path / f"fault{k}"
-        for m in modules:
-            monkeypatch.setattr(m, "atomic_write", faulty)
-        try:
-            tv.train_vae(phantom, out, **run)
-            finished = True
-        except KeyboardInterrupt:
-            finished = False
-        for m in modules:
-            monkeypatch.setattr(m, "atomic_write", real)
-        if finished:
-            break
-        try:
-            tv.train_vae(phantom, out, resume=True, **{**run, "steps": None})
-        except UserError:   # nothing written yet: start it
-            tv.train_vae(phantom, out, **run)
-        assert contents(out) == expected, k
+    k = interrupt_each_write(train, (tv, common, checkpoint), monkeypatch, tmp_path, contents,
+                             contents(tmp_path / "whole"))
     assert k == 9   # run.json, split.json, then last and best checkpoints and the resume state, twice
