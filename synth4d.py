@@ -136,6 +136,10 @@ def phantom(out, n, seed, dx, vendor, overwrite):
               help="Run folder: vae.safetensors, resume state, split, log.")
 @_common_train
 @click.option("--eval-every", type=click.IntRange(min=1), default=500, show_default=True, help="Held-out evaluation interval (steps).")
+@click.option("--frequency", type=click.FloatRange(min=0), default=None,
+              help="Weight of the in-plane frequency-domain L1 on the image [1; 0: off].")
+@click.option("--adversarial", type=click.FloatRange(min=0), default=None,
+              help="Weight of the patch adversarial loss on the image, from a quarter of the run on [0.05; 0: off].")
 def train_vae(data, out, **kw):
     """Stage 1: train the semi-supervised image + mask VAE on DATA."""
     from synth4d.train.vae import train_vae as run
@@ -327,12 +331,13 @@ def generate(out, **kw):
 @click.option("--fvd", is_flag=True, help="Fréchet video distance (I3D with --i3d, else fvd_vae).")
 @click.option("--control", is_flag=True, help="Requested vs measured priors and diagnosis consistency.")
 @click.option("--coherence", is_flag=True, help="Temporal coherence of volume curves, images and mask topology.")
-@click.option("--recon", is_flag=True, help="VAE reconstruction on REAL: PSNR, SSIM, Dice, HD95.")
+@click.option("--recon", is_flag=True, help="VAE reconstruction on REAL: PSNR, SSIM, Dice, HD95, LVEF/RVEF of decoded masks.")
 @click.option("--agreement", is_flag=True,
               help="Image-mask agreement: the VAE's mask head on GENERATED images vs the generated masks (Dice).")
 @click.option("--realism", is_flag=True,
               help="Realism and sharpness: a compact segmenter fitted on REAL's labelled frames scores GENERATED "
-                   "(and VAE round trips of held-out REAL) against their masks; minutes.")
+                   "(and VAE round trips of held-out REAL; without GENERATED, those alone) against their masks; "
+                   "minutes.")
 @click.option("--memorisation", is_flag=True,
               help="Distance of each GENERATED subject's ED latent to the nearest REAL (training) subject, "
                    "against real subjects not in REAL; flags copies.")

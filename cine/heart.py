@@ -23,11 +23,13 @@ MYO_DENSITY = 1.05  # g/mL, as cine.measures
 
 # Per ACDC group: LVEDV (mL), LVEF (%), LV mass / LVEDV (g/mL), LV length / radius.
 GROUPS = {
-    "NOR": dict(lvedv=(100, 180), lvef=(55, 75), mass=(0.75, 1.0), sph=(2.6, 3.2)),
-    "DCM": dict(lvedv=(200, 350), lvef=(15, 40), mass=(0.35, 0.55), sph=(1.9, 2.4)),
-    "HCM": dict(lvedv=(80, 150), lvef=(60, 80), mass=(1.4, 2.2), sph=(2.5, 3.0)),
-    "MINF": dict(lvedv=(130, 220), lvef=(30, 50), mass=(0.7, 1.0), sph=(2.3, 2.9)),
-    "RV": dict(lvedv=(100, 170), lvef=(55, 70), mass=(0.75, 1.0), sph=(2.6, 3.2)),
+# The mass ratios are drawn loosely (0.5-1.05 g/mL spans normal hearts from lean to heavy) so that
+# a request anywhere in a group's range has training subjects near it.
+    "NOR": dict(lvedv=(100, 180), lvef=(55, 75), mass=(0.5, 1.05), sph=(2.6, 3.2)),
+    "DCM": dict(lvedv=(200, 350), lvef=(15, 40), mass=(0.35, 0.7), sph=(1.9, 2.4)),
+    "HCM": dict(lvedv=(80, 150), lvef=(60, 80), mass=(1.3, 2.2), sph=(2.5, 3.0)),
+    "MINF": dict(lvedv=(130, 220), lvef=(30, 50), mass=(0.5, 1.05), sph=(2.3, 2.9)),
+    "RV": dict(lvedv=(100, 170), lvef=(55, 70), mass=(0.5, 1.05), sph=(2.6, 3.2)),
 }
 
 
@@ -38,8 +40,9 @@ def draw_parameters(rng, dx):
     if dx == "RV":
         rvedv, rvef = u(170, 300), u(20, 40)
     else:
-        rvedv, rvef = lvedv * u(0.9, 1.2), u(45, 65)
-        rvedv = min(rvedv, u(140, 240)) if dx == "DCM" else rvedv  # a dilated LV, not a dilated RV
+        rvedv, rvef = lvedv * u(0.8, 1.3), u(45, 65)
+        # DCM: the RV from normal to dilated (biventricular disease), never scaled with the LV alone
+        rvedv = min(lvedv * u(0.5, 1.15), u(130, 320)) if dx == "DCM" else rvedv
     height = float(np.clip(rng.normal(172, 9), 150, 198))
     return dict(lvedv=lvedv, lvesv=lvedv * (1 - lvef / 100), rvedv=rvedv, rvesv=rvedv * (1 - rvef / 100),
                 lv_mass=lvedv * u(*g["mass"]), lvef=lvef, rvef=rvef,
@@ -84,7 +87,19 @@ class Heart:
         self.apex = self.R * sph                     # cavity apex depth at ED
         self.rv_len = u(0.75, 0.9)                   # RV length / LV cavity length
         self.descent = u(8, 14) * min(1.0, p["lvef"] / 60)          # base descent at ES (mm)
-        self.rv_wall = u(2.5, 4)
+        self.rv_wall = u(3, 5)                       # RV free wall (mm)
+        # Trabeculation: dark muscle fingers reaching into the cavities from the wall, as a fraction of
+        # the LV cavity radius (free wall, not the smooth septum) and of the RV cavity's width; one
+        # moderator band crosses the RV at mid to apical levels. The masks count them as cavity (ACDC).
+        def fingers(n, width, depth):
+            spikes = depth * u(0.3, 1, (n, 1)) * np.exp(-np.square(np.angle(np.exp(1j * (
+                _THETA - u(0, 2 * np.pi, (n, 1)))))) / (2 * np.square(width * u(0.6, 1.4, (n, 1)))))
+            return spikes.max(0)
+        self.trab_lv = fingers(int(rng.integers(10, 20)), 0.05, u(0.08, 0.2) * (1.5 if dx == "DCM" else 1)) \
+            * (1 - _window(self.rv_dir, 0.9))
+        self.trab_rv = fingers(int(rng.integers(6, 12)), 0.06, u(0.15, 0.35))
+        self.band = (u(0.5, 0.75), np.exp(-np.square(np.angle(np.exp(1j * (_THETA - self.rv_dir - u(-0.5, 0.5)))))
+                                          / (2 * 0.04 ** 2)))   # (relative depth, angular profile)
         harmonics = np.cos(np.arange(1, 4)[:, None] * _THETA - u(0, 2 * np.pi, (3, 1)))   # (3, N_THETA)
         self.fat = np.clip(u(0.5, 2) + u(0.5, 1.5, 3) @ harmonics, 0, 6)  # epicardial fat thickness (mm)
         # Slice stack: slice 0 centred just below the base; thickness from the length and the count.
@@ -126,6 +141,14 @@ class Heart:
         cap = np.clip(1 - ((d - self.apex) / self.cap) ** 2, 0, 1) * (d > self.apex)
         ro = self.r0 * np.sqrt(np.clip(1 - ((d - base) / (self.rv_len * length)) ** 2, 0, 1)) * (d >= base)
         return ed, kin, 2 * ed * t, t ** 2 + (0.75 * self.wall) ** 2 * cap, ro
+
+    def trabeculae(self, d, base, rn, re, ro):
+        """Inner edges (D, N_THETA) of the trabecular layer in the LV (<= rn) and RV (<= ro) at depths d."""
+        u = ((np.asarray(d, dtype=np.float64) - base) / (self.apex - base))[:, None]
+        lv = rn * (1 - self.trab_lv * np.clip((u - 0.2) / 0.3, 0, 1))          # from mid-ventricle to the apex
+        band = self.band[1] * np.clip(1 - np.abs(u - self.band[0]) / 0.08, 0, 1)
+        rv = ro - (ro - re) * np.maximum(self.trab_rv * np.clip(u / 0.4, 0, 1), band)
+        return lv, np.maximum(rv, re)
 
     def radii(self, pieces, s, g, srv):
         """Rn, Re and Ro' = max(Ro, Re) for LV scale s, wall-area scale g and RV scale srv."""

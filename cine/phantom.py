@@ -139,6 +139,9 @@ def _blur(a, sigma):
     return a
 
 
+TRABECULAR_BLOOD = 0.2   # blood fraction of the trabecular layer within a finger
+
+
 def _render(heart, v, faces, base, state, polar, centre, bg, px):
     """Noise-free slices (Z, P): the heart, from its radii at the slices' faces (2Z,), over the background."""
     r, flat = polar[:2]
@@ -150,11 +153,13 @@ def _render(heart, v, faces, base, state, polar, centre, bg, px):
         ro[atrium] = np.maximum(0.9 * state[2] * heart.r0, re[atrium])
     rw = ro + heart.rv_wall * np.clip((ro - re) / 3, 0, 1)  # RV free wall: myocardial signal, not MYO
     rf = rw + heart.fat * np.clip(rw / 5, 0, 1)             # epicardial fat
+    tn, to = heart.trabeculae(faces, base, rn, re, ro)
+    tn[atrium], to[atrium] = rn[atrium], ro[atrium]
 
     def occupancy(table):
         e = np.take((table / px).astype(np.float32), flat) - r   # (2Z, P): R - r on both faces
         return slab(e[0::2], e[1::2])
-    o_n, o_e, o_o, o_w, o_f = map(occupancy, (rn, re, ro, rw, rf))
+    o_n, o_e, o_o, o_w, o_f, o_tn, o_to = map(occupancy, (rn, re, ro, rw, rf, tn, to))
     # Papillary muscles: dark disks in the cavity at mid-ventricular levels (labelled LV, as in ACDC).
     d = 0.5 * (faces[0::2] + faces[1::2])
     u = (d - base) / (heart.apex - base)
@@ -167,9 +172,12 @@ def _render(heart, v, faces, base, state, polar, centre, bg, px):
             pos = (0.6 / px * rn_mid[:, int(round(angle / DTHETA)) % N_THETA]).astype(np.float32)[:, None]
             dist = np.sqrt((ox[rows] - pos * np.cos(angle)) ** 2 + (oy[rows] - pos * np.sin(angle)) ** 2)
             pap = np.maximum(pap, np.clip(size[rows, None].astype(np.float32) + 0.5 - dist, 0, 1))
-        o_n[rows] *= 1 - pap
-    img = o_o - o_e
-    img += o_n
+    # Blood signal: the cavities, the trabecular layers between their edges holding a fifth of blood.
+    lv_blood = o_tn + TRABECULAR_BLOOD * (o_n - o_tn)
+    if rows.size:
+        lv_blood[rows] *= 1 - pap
+    img = o_to - o_e + TRABECULAR_BLOOD * (o_o - o_to)
+    img += lv_blood
     img *= 1 - v.myo
     img += (v.myo - v.fat) * o_w
     img += v.fat * o_f

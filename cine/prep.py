@@ -325,13 +325,17 @@ def load_prepared(path) -> Prepared:
                         info["measures"])
 
 
-def prepare_refs(refs, grid, cache_dir=None, skip_bad=False, progress=True) -> list:
-    """Load and prepare each SubjectRef through the cache <cache_dir>/prep/<key>.npz; skipped ones go to stderr."""
+def prepare_refs(refs, grid, cache_dir=None, skip_bad=False, progress=True, half=False) -> list:
+    """Load and prepare each SubjectRef through the cache <cache_dir>/prep/<key>.npz; skipped ones go to stderr.
+    half: keep each image as float16, as it is loaded (exact: the cache holds float16; half the memory)."""
     folder = Path(cache_dir or default_cache_dir()) / "prep"
     out = []
     for ref in tqdm(refs, desc="preparing", unit="subject", file=sys.stderr, disable=not progress):
         try:
-            out.append(_prepare_cached(ref, grid, folder))
+            p = _prepare_cached(ref, grid, folder)
+            if half:
+                p.image = p.image.astype(np.float16)
+            out.append(p)
         except DataError as e:
             if not skip_bad:
                 raise
@@ -353,13 +357,13 @@ def _prepare_cached(ref, grid, folder: Path) -> Prepared:
     return p
 
 
-def prepare_dataset(root, grid, cache_dir=None, skip_bad=False, progress=True, csv_path=None) -> list:
+def prepare_dataset(root, grid, cache_dir=None, skip_bad=False, progress=True, csv_path=None, half=False) -> list:
     """Scan root and prepare every subject (cached); subjects skipped with skip_bad are listed on stderr.
-    csv_path: an M&Ms / M&Ms-2 information CSV kept elsewhere (cine.datasets.scan)."""
+    csv_path: an M&Ms / M&Ms-2 information CSV kept elsewhere (cine.datasets.scan); half: prepare_refs."""
     ds = scan(root, skip_bad=skip_bad, csv_path=csv_path)
     for path, reason in ds.problems:
         print(f"skipped {path}: {reason}", file=sys.stderr)
-    prepared = prepare_refs(ds.refs, grid, cache_dir, skip_bad, progress)
+    prepared = prepare_refs(ds.refs, grid, cache_dir, skip_bad, progress, half)
     if not prepared:
         raise DataError(root, "no usable subject")
     return prepared

@@ -69,8 +69,11 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     gen_ds = scan(generated) if generated is not None else None
     manifest = _manifest(generated) if generated is not None else None
     vae_path = Path(weights or DIR) / "vae.safetensors"
-    if (realism or memorisation) and gen_ds is None:
-        raise UserError("--realism and --memorisation need a GENERATED set beside REAL; give both folders")
+    if memorisation and gen_ds is None:
+        raise UserError("--memorisation needs a GENERATED set beside REAL; give both folders")
+    if realism and gen_ds is None and not vae_path.is_file():
+        raise UserError(f"--realism needs a GENERATED set, or a VAE to score round trips of REAL on its grid "
+                        f"(no vae.safetensors in {vae_path.parent}; pass --weights)")
     if memorisation and not vae_path.is_file():
         raise UserError(f"--memorisation needs a VAE: no vae.safetensors in {vae_path.parent}; pass --weights")
     if not (fvd or control or coherence or recon or agreement or realism or memorisation):
@@ -115,7 +118,7 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     if agreement:
         result["agreement"] = image_mask_agreement(gen_ds, *vae, dev, vae_path)
     if realism:
-        result["realism"] = run_realism(real_ds, gen_ds, grid, fit_settings, vae=vae, device=dev)
+        result["realism"] = run_realism(real_ds, gen_ds, grid or vae[1]["grid"], fit_settings, vae=vae, device=dev)
     if memorisation:
         result["memorisation"] = run_memorisation(real_ds, gen_ds, *vae, dev,
                                                   heldout_ds=scan(heldout) if heldout is not None else None)
@@ -269,13 +272,18 @@ def _mean(values):
 
 def reconstruction(real_ds, model, meta, device, path) -> dict:
     """PSNR and SSIM of every frame; Dice and HD95 per structure on labelled frames and on the
-    other frames of a full-cycle ground truth (phantom), all on the VAE's grid."""
+    other frames of a full-cycle ground truth (phantom); LVEF and RVEF of the decoded ED and ES masks
+    against the true ones; all on the VAE's grid."""
     grid = meta["grid"]
     psnrs, ssims = [], []
     per = {kind: {c: {"dice": [], "hd95": []} for c in STRUCTURES} for kind in ("labelled", "unlabelled")}
+    efs = {"lvef": ([], []), "rvef": ([], [])}     # (decoded, true) per subject
     for s in real_ds.load_each("reconstruction"):
         p = prepare_subject(s, grid)
+        decoded = {}
         for t, image, pred, truth, kind in reconstruct_frames(model, p, device):
+            if t in p.masks:
+                decoded[t] = pred
             psnrs.append(psnr(image, p.image[:, :, :p.n_slices, t], data_range=2.0))
             ssims.append(ssim(image, p.image[:, :, :p.n_slices, t], data_range=2.0))
             if kind is None:
@@ -283,11 +291,27 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
             for c, d in dice(pred, truth, labels=STRUCTURES).items():
                 per[kind][c]["dice"].append(d)
                 per[kind][c]["hd95"].append(hd95(pred == c, truth == c, p.spacing))
+        if p.es is not None and {p.ed, p.es} <= set(decoded) and p.ed != p.es:
+            n = p.n_slices
+            got = clinical_measures(decoded[p.ed], decoded[p.es], p.spacing)
+            true = clinical_measures(p.masks[p.ed][:, :, :n], p.masks[p.es][:, :, :n], p.spacing)
+            for name, (a, b) in efs.items():
+                a.append(got[name])
+                b.append(true[name])
     # HD95 is undefined (inf) where one of the two masks lacks the structure: counted, left out of the mean.
     masks = {kind: {LABELS[c]: {"dice": _mean(v["dice"]), "hd95_mm": _mean(v["hd95"]), "frames": len(v["dice"]),
                                 "hd95_undefined": int(np.sum(~np.isfinite(v["hd95"])))}
                     for c, v in structures.items()} for kind, structures in per.items() if structures[3]["dice"]}
-    return {"psnr": _mean(psnrs), "ssim": _mean(ssims), "frames": len(psnrs), "masks": masks, "checkpoint": str(path),
+    ef = {}
+    for name, (a, b) in efs.items():
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        ok = np.isfinite(a) & np.isfinite(b)    # a decoded ED mask without the cavity has no EF: counted apart
+        ef[name] = {"decoded_mean": _mean(a), "true_mean": _mean(b), "bias": bias(b[ok], a[ok]) if ok.any() else None,
+                    "mae": mae(b[ok], a[ok]) if ok.any() else None,      # bias: decoded - true (EF points)
+                    "undefined": int(np.sum(~np.isfinite(a)))}
+    ef["subjects"] = len(efs["lvef"][0])
+    return {"psnr": _mean(psnrs), "ssim": _mean(ssims), "frames": len(psnrs), "masks": masks, "ef": ef,
+            "checkpoint": str(path),
             "grid": dataclasses.asdict(grid), "intensity": "images in [-1, 1] (cine.prep), PSNR/SSIM data range 2"}
 
 

@@ -90,7 +90,8 @@ def _reconstructed(vae, refs, grid, device, max_frames) -> Slices:
 
 def realism(real_ds, gen_ds, grid: GridConfig, settings: FitSettings, vae=None, device="cpu") -> dict:
     """The realism and sharpness figures of gen_ds against real_ds on `grid` (see the module docstring);
-    vae = (model, meta) adds the reconstructed row when its grid has the same spacing."""
+    vae = (model, meta) adds the reconstructed row when its grid has the same spacing. gen_ds None:
+    the real and reconstructed rows alone (grid: the VAE's)."""
     grid = judge_grid(grid.spacing, grid.size)
     labelled = [r for r in real_ds.refs if has_labels(r)]
     if len(labelled) < 2:
@@ -104,8 +105,8 @@ def realism(real_ds, gen_ds, grid: GridConfig, settings: FitSettings, vae=None, 
 
     train = collect(prepared([by_id[i] for i in train_ids]), settings.max_frames)
     test = collect(prepared([by_id[i] for i in test_ids]), settings.max_frames)
-    gen = collect(prepared(gen_ds.refs), settings.max_frames)
-    if len(gen) == 0:
+    gen = collect(prepared(gen_ds.refs), settings.max_frames) if gen_ds is not None else None
+    if gen is not None and len(gen) == 0:
         raise UserError(f"--realism: no generated subject in {gen_ds.root} has a mask to score against")
     model = fit(train, settings, device=device, desc="realism judge")
     rows = {"real": score(model, test, grid.spacing)}
@@ -118,7 +119,8 @@ def realism(real_ds, gen_ds, grid: GridConfig, settings: FitSettings, vae=None, 
                                                                 device, settings.max_frames), grid.spacing)
         else:
             note = f"no reconstructed row: the VAE's grid ({vgrid.spacing} mm) is not the generated set's ({grid.spacing} mm)"
-    rows["generated"] = score(model, gen, grid.spacing)
+    if gen is not None:
+        rows["generated"] = score(model, gen, grid.spacing)
     ref = rows["real"]
     for row in rows.values():
         row["realism"] = {s: (d / ref["dice"][s] if d is not None and ref["dice"][s] else None)

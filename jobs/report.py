@@ -67,6 +67,10 @@ def format_table(result: dict) -> str:
         lines += [f"  {kind:<10} {s:<4} Dice {_f(v['dice'], '.3f')}  HD95 {_f(v['hd95_mm'], '.2f')} mm  "
                   f"({v['frames']} frames)"
                   for kind, per in r["masks"].items() for s, v in per.items()]
+        if r.get("ef", {}).get("subjects"):
+            lines += [f"  decoded ED/ES masks, {r['ef']['subjects']} subjects: " + ", ".join(
+                f"{k.upper()} {_f(v['decoded_mean'], '.1f')} vs {_f(v['true_mean'], '.1f')} (bias {_f(v['bias'], '+.1f')}, "
+                f"MAE {_f(v['mae'], '.1f')} points)" for k, v in r["ef"].items() if k != "subjects")]
     if "agreement" in result:
         a = result["agreement"]
         lines += ["", f"image-mask agreement ({a['subjects']} subjects, {a['frames']} frames; the VAE's mask head on "

@@ -29,8 +29,9 @@ def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
 
 
-def conv3(in_ch: int, out_ch: int, stride=1) -> nn.Conv3d:
-    return nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1)
+def conv3(in_ch: int, out_ch: int, stride=1, kernel=(3, 3, 3)) -> nn.Conv3d:
+    """3x3x3 conv (or `kernel`, odd per axis) keeping the size at stride 1."""
+    return nn.Conv3d(in_ch, out_ch, kernel, stride=stride, padding=tuple(k // 2 for k in kernel))
 
 
 class ResBlock(nn.Module):
@@ -38,17 +39,18 @@ class ResBlock(nn.Module):
 
     With emb_dim > 0 the embedding (B, emb_dim) sets a per-channel scale and shift after the
     second norm (adaptive GroupNorm, as in guided-diffusion's `use_scale_shift_norm`).
-    The second conv is zero-initialised, so the block starts as its skip path.
+    The second conv is zero-initialised, so the block starts as its skip path. kernel (3, 3, 1)
+    makes an in-plane block: a third of the arithmetic, for levels where the slices are left alone.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int = 0, dropout: float = 0.0, kernel=(3, 3, 3)):
         super().__init__()
         self.norm1 = norm(in_ch)
-        self.conv1 = conv3(in_ch, out_ch)
+        self.conv1 = conv3(in_ch, out_ch, kernel=kernel)
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_ch)) if emb_dim > 0 else None
         self.norm2 = norm(out_ch)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_module(conv3(out_ch, out_ch))
+        self.conv2 = zero_module(conv3(out_ch, out_ch, kernel=kernel))
         self.skip = nn.Conv3d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,9 +66,9 @@ class ResBlock(nn.Module):
 class Downsample(nn.Module):
     """Strided 3x3x3 conv; an axis with factor 1 keeps its size, one with factor 2 becomes ceil(n / 2)."""
 
-    def __init__(self, ch: int, factor=(2, 2, 1)):
+    def __init__(self, ch: int, factor=(2, 2, 1), kernel=(3, 3, 3)):
         super().__init__()
-        self.conv = conv3(ch, ch, stride=tuple(factor))
+        self.conv = conv3(ch, ch, stride=tuple(factor), kernel=kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

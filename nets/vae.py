@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synth4d.nets.config import VAEConfig
-from synth4d.nets.layers import Downsample, ResBlock, Upsample, norm, zero_module
+from synth4d.nets.layers import Downsample, ResBlock, Upsample, conv3, norm, zero_module
 
 LOGVAR_RANGE = (-30.0, 20.0)  # keeps exp(logvar) finite in fp32 and bf16
 
@@ -46,16 +46,26 @@ class DiagonalGaussian:
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3, 4))
 
 
-def _levels(ch: int, widths, blocks: int, resample) -> tuple[list, int]:
-    """cfg.blocks ResBlocks per level of `widths`, with `resample` (in-plane x2) between levels -> (layers, channels)."""
+def _levels(ch: int, widths, blocks: int, resample, kernels) -> tuple[list, int]:
+    """cfg.blocks ResBlocks per level of `widths`, with `resample` (in-plane x2) between levels -> (layers, channels).
+    kernels[i]: the convolution kernel of level i's blocks."""
     layers = []
     for i, width in enumerate(widths):
         for _ in range(blocks):
-            layers.append(ResBlock(ch, width))
+            layers.append(ResBlock(ch, width, kernel=kernels[i]))
             ch = width
         if i < len(widths) - 1:
             layers.append(resample(ch, (2, 2, 1)))
     return layers, ch
+
+
+def _kernels(cfg: VAEConfig) -> list:
+    """Per level from the full resolution: in-plane kernels on the first cfg.planar levels.
+
+    The slices are 5-10 mm apart against 1-2 mm pixels: at full resolution a 3x3x3 kernel spends two
+    thirds of its arithmetic across slices, where the coarser levels mix them as well.
+    """
+    return [(3, 3, 1) if i < cfg.planar else (3, 3, 3) for i in range(len(cfg.widths))]
 
 
 class Encoder(nn.Module):
@@ -64,8 +74,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         w = cfg.widths
-        self.conv_in = nn.Conv3d(1, w[0], 3, padding=1)
-        layers, ch = _levels(w[0], w, cfg.blocks, Downsample)
+        self.conv_in = conv3(1, w[0], kernel=_kernels(cfg)[0])
+        layers, ch = _levels(w[0], w, cfg.blocks, Downsample, _kernels(cfg))
         # No self-attention: at the lowest level the cpu grid still has 16 x 16 x 12 positions,
         # where attention costs more than the whole encoder; one more block mixes context instead.
         layers.append(ResBlock(ch, ch))
@@ -85,9 +95,9 @@ class Decoder(nn.Module):
         ch = w[0]
         self.conv_in = nn.Conv3d(cfg.latent_ch, ch, 3, padding=1)
         first = ResBlock(ch, ch)
-        layers, ch = _levels(ch, w, cfg.blocks, Upsample)
+        layers, ch = _levels(ch, w, cfg.blocks, Upsample, _kernels(cfg)[::-1])
         self.body = nn.Sequential(first, *layers)
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(nn.Conv3d(ch, out_ch, 3, padding=1)))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(conv3(ch, out_ch, kernel=_kernels(cfg)[0])))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(self.conv_in(z)))
@@ -132,3 +142,26 @@ class VAE(nn.Module):
         z = posterior.sample(generator, noise) if sample else posterior.mode()
         image, logits = self.decode(z, size=x.shape[2:4])
         return image, logits, posterior
+
+
+class PatchDiscriminator(nn.Module):
+    """Training-only critic of in-plane slices: (N, 1, X, Y) -> (N, 1, X / 8, Y / 8) realism scores.
+
+    A PatchGAN (Isola et al. 2017, as in the adversarial VAE losses of Esser et al. 2021 and latent
+    diffusion): three strided 4x4 convolutions and a 3x3 head, each score seeing a patch of about 38
+    pixels, so it judges texture and edges, not whole hearts. Not part of the shipped weights.
+    """
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        layers, ch = [], 1
+        for i, out in enumerate((width, 2 * width, 4 * width)):
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1)]
+            layers += [nn.GroupNorm(8, out)] if i else []
+            layers += [nn.LeakyReLU(0.2)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

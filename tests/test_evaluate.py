@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from synth4d.cine import UserError, nifti
 from synth4d.cine.datasets import scan
 from synth4d.cine.diagnosis import LV_DILATED, meets
-from synth4d.cine.measures import wall_thickness
+from synth4d.cine.measures import clinical_measures, wall_thickness
+from synth4d.cine.prep import prepare_subject
 from synth4d.cine.metrics import components_per_slice, temporal_smoothness
 from synth4d.nets.config import GridConfig, get_preset
 from synth4d.nets.i3d import I3DFeatures, InceptionI3d
@@ -19,7 +20,7 @@ from synth4d.nets.vae import VAE
 from synth4d import cli
 from synth4d.jobs.evaluate import _manifest, controllability, evaluate
 from synth4d.jobs.fvd import cycle_frames, fvd_report
-from synth4d.weights.checkpoint import save_checkpoint
+from synth4d.weights.checkpoint import load_vae, save_checkpoint
 
 PX, SLICE, Z, N = 3.0, 10.0, 4, 48          # fake generated set: 3 mm pixels, 4 slices of 10 mm, 48 x 48
 VOXEL_ML = PX * PX * SLICE / 1000
@@ -193,6 +194,19 @@ def test_reconstruction_with_a_tiny_vae(small_phantom, tiny_vae):
             assert 0 <= r["masks"][kind][s]["dice"] <= 1
     assert r["masks"]["labelled"]["LV"]["frames"] == 2 * len(scan(small_phantom).refs)
     assert r["masks"]["unlabelled"]["LV"]["frames"] == frames - 2 * len(scan(small_phantom).refs)
+    # EF of the decoded ED/ES masks against the true ones, checked here from the source masks on the same grid
+    vae_meta = load_vae(tiny_vae / "vae.safetensors", "cpu")[1]
+    true = [clinical_measures(p.masks[p.ed][..., :p.n_slices], p.masks[p.es][..., :p.n_slices], p.spacing)
+            for p in (prepare_subject(ref.load(), vae_meta["grid"]) for ref in scan(small_phantom).refs)]
+    assert r["ef"]["subjects"] == len(true)
+    for name in ("lvef", "rvef"):
+        assert r["ef"][name]["true_mean"] == pytest.approx(np.mean([m[name] for m in true]))
+        e = r["ef"][name]
+        if e["undefined"] == 0:     # a tiny VAE's decoded ED mask may lack a cavity: no EF, counted apart
+            assert e["bias"] == pytest.approx(e["decoded_mean"] - e["true_mean"])
+            assert e["mae"] >= abs(e["bias"]) - 1e-9
+        else:
+            assert e["undefined"] <= len(true)
 
 
 def test_fvd_vae_and_errors(small_phantom, fake_set, tiny_vae, tmp_path):

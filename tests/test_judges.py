@@ -18,6 +18,7 @@ from synth4d.cine.phantom import write_phantom
 from synth4d.cine.prep import prepare_subject
 from synth4d.jobs.compact import FitSettings, collect, fit, predict
 from synth4d.jobs.downstream import downstream
+from synth4d.jobs.evaluate import evaluate
 from synth4d.jobs.realism import judge_grid, realism
 from synth4d.nets.config import GridConfig
 from synth4d.nets.segmenter import Segmenter2D
@@ -125,6 +126,15 @@ def test_realism_through_the_cli_with_the_reconstructed_row(tiny_phantom, tiny_w
     r = json.loads(out)["realism"]
     assert set(r["rows"]) <= {"real", "reconstructed", "generated"} and r["judge"]["fit"]["steps"] == 3
     assert ("reconstructed" in r["rows"]) != bool(r["note"])          # either the row or the reason it is missing
+
+
+def test_realism_without_a_generated_set_scores_round_trips(tiny_phantom, tiny_weights):
+    r = json.loads(run_cli("eval", tiny_phantom, "--realism", "--seg-steps", 3, "--weights", tiny_weights,
+                           "--json").stdout)["realism"]
+    assert set(r["rows"]) == {"real", "reconstructed"} and r["grid"]["spacing"] == 6.0   # the tiny VAE's grid
+    assert all(0 <= v <= 1 for v in r["rows"]["reconstructed"]["dice"].values() if v is not None)
+    with pytest.raises(UserError, match="GENERATED set, or a VAE"):
+        evaluate(tiny_phantom, None, realism=True, weights=tiny_phantom)
 
 
 # ---- downstream ------------------------------------------------------------------------------

@@ -207,3 +207,42 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
         with pytest.raises(UserError, match="holds another phantom subject"):
             list(phantom.write_phantom(tmp_path, n=2, frames=4, matrix=32, progress=False, **kw))
     list(phantom.write_phantom(tmp_path, n=1, seed=8, frames=4, matrix=32, progress=False, overwrite=True))
+
+
+def test_trabeculae_and_moderator_band_sit_where_they_belong():
+    """LV trabeculae reach into the cavity from the free wall (not the smooth septum), mid-ventricle to apex,
+    up to a quarter of the radius; the RV's from its free wall; the moderator band crosses the whole RV
+    cavity at one level; the masks count them as cavity (volumes unchanged, as the volume test checks)."""
+    from synth4d.cine.heart import _THETA, Heart, draw_parameters
+    for i, dx in enumerate(DIAGNOSES):
+        rng = np.random.default_rng([3, i])
+        heart = Heart(rng, dx, draw_parameters(rng, dx), 10)
+        d = np.linspace(0, heart.apex, 40)
+        rn, re, ro = heart.radii(heart.shape(d, 0.0), 1.0, 1.0, 1.0)
+        lv, rv = heart.trabeculae(d, 0.0, rn, re, ro)
+        assert np.all(lv <= rn) and np.all(lv >= 0.7 * rn)
+        u = d / heart.apex
+        assert np.all(lv[u < 0.2] == rn[u < 0.2])                                  # none at the base
+        septum = np.abs(np.angle(np.exp(1j * (_THETA - heart.rv_dir)))) < 0.7
+        assert np.all(lv[:, septum] == rn[:, septum])                              # a smooth septum
+        assert (lv[:, ~septum] < 0.95 * rn[:, ~septum]).any()                      # fingers elsewhere
+        assert np.all((rv <= ro) & (rv >= re))
+        # the moderator band spans the RV cavity (where there is one) at its own level and angle
+        at = [heart.band[0] * heart.apex]
+        rn1, re1, ro1 = heart.radii(heart.shape(at, 0.0), 1.0, 1.0, 1.0)
+        k = np.argmax(heart.band[1])
+        assert heart.trabeculae(at, 0.0, rn1, re1, ro1)[1][0, k] <= re1[0, k] + 0.1 * (ro1[0, k] - re1[0, k])
+        assert 3 <= heart.rv_wall <= 5
+
+
+def test_trabeculae_darken_the_lv_cavity_near_its_wall():
+    """In the image: pixels labelled LV but as dark as myocardium, at mid-ventricular to apical slices."""
+    dark = []
+    for i in range(3):
+        case = _case("NOR", i, matrix=128, vendor="A")
+        img, m = case.image[..., case.ed], case.mask[..., case.ed]
+        blood = np.median(img[_core(m == 3)])
+        myo = np.median(img[_core(m == 2)])
+        z = slice(m.shape[2] // 2, None)
+        dark.append(np.mean(img[:, :, z][m[:, :, z] == 3] < (blood + myo) / 2))
+    assert 0.02 < np.mean(dark) < 0.4, dark

@@ -11,7 +11,9 @@ every mask, the JSON sidecar and the manifest's "labels" column): every NIfTI fi
 header only; voxel data and affines were compared against the previous code and were identical.
 And once more when generated subjects gained their short-axis-like default orientation (cine.grid):
 the generated NIfTI files changed their affine only (voxel data and spacing compared: identical);
-every other file kept its digest. Every command runs in a fresh process on one thread: with two threads, float sums in
+every other file kept its digest. And once more when the phantom gained trabeculae, a moderator band,
+a thicker RV free wall and looser clinical draws: the phantom's files and what is computed from them
+(segment.jsonl, seg.nii.gz, eval.json) changed; every generated file kept its digest. Every command runs in a fresh process on one thread: with two threads, float sums in
 the convolutions are ordered differently and generated intensities differ in the last bits. Text
 outputs name files relative to the working folder; the shipped weights' folder, which differs
 between checkouts, is replaced by <weights>. A record made with other torch / numpy / nibabel

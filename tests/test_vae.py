@@ -50,6 +50,21 @@ def test_odd_sizes_are_padded_and_cropped_back(cfg):
     assert model.decode(posterior.mode())[0].shape[2:4] == (-(-18 // f) * f, -(-22 // f) * f)
 
 
+def test_planar_levels_convolve_in_plane_only():
+    """planar=2: the two finest levels' convolutions have 3x3x1 kernels, the coarsest 3x3x3; an old
+    checkpoint's config (no planar field) builds the all-3D network it was trained with."""
+    cfg = get_preset("cpu").vae
+    assert cfg.planar == 2
+    vae = VAE(cfg)
+    first, last = vae.encoder.body[0].conv1, vae.encoder.body[-1].conv1
+    assert first.kernel_size == (3, 3, 1) and last.kernel_size == (3, 3, 3)
+    assert vae.image_decoder.out[-1].kernel_size == (3, 3, 1)
+    x = torch.zeros(1, 1, 96, 96, 5)
+    z = vae.encode(x).mean
+    assert z.shape == (1, 4, 24, 24, 5) and vae.decode(z)[0].shape == x.shape
+    assert VAE(VAEConfig(widths=(12, 24, 48))).encoder.body[0].conv1.kernel_size == (3, 3, 3)
+
+
 def test_posterior():
     mean, logvar = torch.randn(2, 3, 4, 4, 2), torch.randn(2, 3, 4, 4, 2)
     q = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
@@ -102,6 +117,42 @@ def test_mask_loss_ignores_unlabelled_frames():
     beyond[..., 9:] = (beyond[..., 9:] + 1) % 4
     losses3, _ = run(torch.tensor([0.0, 1.0, 0.0]), beyond)
     assert losses3["ce"] == losses["ce"] and losses3["dice"] == losses["dice"]
+
+
+def test_frequency_term_against_numpy_and_its_padding():
+    """Mean |rfft2(image - target)| (orthonormal) over the real slices' coefficients, as numpy computes it;
+    padding slices count in no term; a blurred copy scores worse than a shifted-intensity copy of equal L1."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 16, 12, 5, generator=g) * 2 - 1
+    image = target + 0.1 * torch.randn(target.shape, generator=g)
+    zmask = torch.ones(2, 1, 1, 1, 5)
+    zmask[1, ..., 3:] = 0
+    got = tv.frequency_l1(image, target, zmask).item()
+    diff = (image - target).numpy()[:, 0]                                       # (B, X, Y, Z)
+    coeffs = [np.abs(np.fft.rfft2(diff[b, :, :, z], norm="ortho")) for b in range(2) for z in range(5)
+              if zmask[b, 0, 0, 0, z] > 0]
+    assert got == pytest.approx(np.mean(coeffs), rel=1e-5)
+    junk = image.clone()
+    junk[1, ..., 3:] = 5.0
+    assert tv.frequency_l1(junk, target, zmask).item() == pytest.approx(got, rel=1e-6)
+    # An edge blurred vs the same edge with a constant offset of the same pixel L1: the blur costs more
+    edge = torch.zeros(1, 1, 32, 32, 1)
+    edge[:, :, 10:22, 10:22] = 1.0
+    blurred = torch.nn.functional.avg_pool3d(edge, (3, 3, 1), stride=1, padding=(1, 1, 0), count_include_pad=False)
+    offset = edge + (blurred - edge).abs().mean()
+    one = torch.ones(1, 1, 1, 1, 1)
+    assert (blurred - edge).abs().mean() == pytest.approx((offset - edge).abs().mean().item())
+    assert tv.frequency_l1(blurred, edge, one) > 2 * tv.frequency_l1(offset, edge, one)
+
+
+def test_patch_critic_scores_patches_and_real_slices_skip_padding():
+    from synth4d.nets.vae import PatchDiscriminator
+    critic = PatchDiscriminator()
+    assert critic(torch.zeros(3, 1, 96, 96)).shape == (3, 1, 12, 12)
+    volume = torch.arange(2 * 4, dtype=torch.float32).reshape(2, 1, 1, 1, 4).expand(2, 1, 8, 8, 4)
+    zmask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float32).reshape(2, 1, 1, 1, 4)
+    slices = tv.real_slices(volume, zmask)
+    assert slices.shape == (5, 1, 8, 8) and slices[:, 0, 0, 0].tolist() == [0, 1, 4, 5, 6]
 
 
 def test_checkpoint_rebuilds_identical_model(tmp_path):
@@ -270,4 +321,7 @@ def test_a_fault_at_any_atomic_write_of_training_is_recovered(phantom, tmp_path,
 
     k = interrupt_each_write(train, (tv, common, checkpoint), monkeypatch, tmp_path, contents,
                              contents(tmp_path / "whole"))
-    assert k == 9   # run.json, split.json, then last and best checkpoints and the resume state, twice
+    # run.json, split.json, then the last checkpoint, the best one (at step 4 only if it scored better) and the
+    # resume state, twice; the critic of the adversarial term (on from step 1) resumes with the state
+    best_again = read_checkpoint(tmp_path / "whole" / "vae.safetensors")[2]["step"] == 4
+    assert k == 8 + best_again

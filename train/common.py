@@ -289,6 +289,16 @@ class Processes:
         dist.all_reduce(v)
         return v / self.world
 
+    def average_grads(self, module: torch.nn.Module) -> None:
+        """Average `module`'s gradients over the ranks in place (a model trained outside DDP)."""
+        if not self.group:
+            return
+        import torch.distributed as dist
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
     def barrier(self) -> None:
         if self.group:
             import torch.distributed as dist

@@ -2,10 +2,17 @@
 
 Axis vocabulary: a prepared cine is (X, Y, Z, T) on the preset grid; a batch is (B, 1, X, Y, Z)
 images, (B, X, Y, Z) integer masks, (B,) label weights and (B, 1, 1, 1, Z) slice weights.
-Every frame trains the image path (L1 + a small KL); the mask path (cross-entropy + soft Dice
+Every frame trains the image path (L1, an in-plane frequency-domain L1, a small KL and, from a
+quarter of the run on, a patch adversarial term); the mask path (cross-entropy + soft Dice
 over RV, MYO, LV) learns only from frames that carry a label (ED/ES of labelled subjects):
 a per-sample label weight of 0 removes a frame from the mask loss exactly. Padding slices
 (beyond a subject's n_slices) count in no loss.
+
+Pixel L1 alone gives soft images: a thin wall missed by a pixel costs little against the large
+flat regions. The frequency term (L1 of the difference of the slices' 2D Fourier transforms)
+weighs every spatial frequency alike, fine detail included; the adversarial term (hinge loss of a
+PatchGAN critic of slices, nets.vae.PatchDiscriminator) penalises textures and edges that no real
+slice has.
 
 Run folder: vae.safetensors (best held-out labelled Dice), vae_last.safetensors, vae.state.pt
 (resume), split.json, run.json (run settings), log.txt.
@@ -24,7 +31,7 @@ from synth4d.cine import LABELS, UserError, atomic_write
 from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, select_device
 from synth4d.nets.pipeline import encode_frames, reconstruct_frames
-from synth4d.nets.vae import VAE
+from synth4d.nets.vae import VAE, PatchDiscriminator
 from synth4d.train.common import (Processes, QuietLog, RunLog, RunRandom, check_finite, load_state, lr_at, make_ema,
                                   open_run, read_split, save_state, update_ema, write_split)
 from synth4d.weights.checkpoint import save_checkpoint
@@ -34,12 +41,16 @@ KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior nea
 EMA_DECAY = 0.999
 VAL_FRACTION = 0.1
 SCALE_FRAMES = 128   # training frames whose posterior means give the latent scale factor
+FREQUENCY_WEIGHT = 1.0   # default weights of the image path's extra terms (run settings, --frequency / --adversarial)
+ADVERSARIAL_WEIGHT = 0.05
+ADVERSARIAL_START = 0.25  # the critic joins after this fraction of the run, once reconstructions are coarse-right
 EVAL_FRAMES = 8      # held-out frames per subject spread over the cycle, besides the labelled ones
 STRUCTURES = (1, 2, 3)
 
 
 def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="auto",
-              seed=0, skip_bad=False, cache=None, eval_every=500, csv_path=None) -> str:
+              seed=0, skip_bad=False, cache=None, eval_every=500, csv_path=None, frequency=None,
+              adversarial=None) -> str:
     """Train the VAE on the data set in `data`; returns the path of the best checkpoint (out/vae.safetensors)."""
     from synth4d.cine.prep import prepare_dataset
 
@@ -47,8 +58,12 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     procs = Processes()
     dev = select_device(device)
     state_path, best_path, last_path = out / "vae.state.pt", out / "vae.safetensors", out / "vae_last.safetensors"
-    run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
+    run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+           "frequency": frequency, "adversarial": adversarial}
     run, restore = open_run(out, state_path, (best_path, last_path), run, resume, "VAE")
+    for key, default in (("frequency", FREQUENCY_WEIGHT), ("adversarial", ADVERSARIAL_WEIGHT)):
+        # a run recorded before these terms existed resumes without them
+        run[key] = default if run.get(key) is None and not restore else float(run.get(key) or 0.0)
     p = get_preset(run["preset"])
     run["steps"] = run["steps"] or p.train_vae.steps
     run["batch_size"] = run["batch_size"] or p.train_vae.batch_size
@@ -58,8 +73,9 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     procs.agree(run)
     if not procs.main:
         procs.barrier()   # rank 0 prepares (and caches) first, then writes the run folder
+    # Images as float16 (800 phantom subjects on the cpu grid: 12 GB as float32); batches are cast back.
     subjects = {s.id: s for s in prepare_dataset(data, p.grid, cache_dir=cache, skip_bad=skip_bad,
-                                                 progress=procs.main, csv_path=csv_path)}
+                                                 progress=procs.main, csv_path=csv_path, half=True)}
     if len(subjects) < 2:
         raise UserError(f"{data} holds {len(subjects)} usable subject; the VAE needs at least 2 (one is held out)")
     if procs.main:
@@ -71,6 +87,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     else:
         train_ids, val_ids = read_split(out, subjects)
     train, val = [subjects[i] for i in train_ids], [subjects[i] for i in val_ids]
+    for subj in val:     # evaluated in float32
+        subj.image = subj.image.astype(np.float32)
     frames = [(s, t) for s, subj in enumerate(train) for t in range(subj.image.shape[3])]
     labelled = [(s, t) for s, subj in enumerate(train) for t in sorted(subj.masks)]
 
@@ -80,13 +98,20 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     ema = make_ema(model)
     net = procs.wrap(model, dev)      # the forward pass of this rank; `model` is what is saved
     opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
+    critic = PatchDiscriminator().to(dev) if run["adversarial"] > 0 else None
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=run["lr"], betas=(0.5, 0.9), weight_decay=0.0) \
+        if critic is not None else None
     rng = RunRandom(seed)
     start, best = 0, {"score": -float("inf")}
     if restore:
         start, extra = load_state(state_path, model, opt, ema)
         rng.set_state(extra.get("rng", extra.get("sampler")))  # "sampler": runs saved before the rename
         best = extra["best"]
+        if critic is not None and "critic" in extra:
+            critic.load_state_dict(extra["critic"])
+            critic_opt.load_state_dict(extra["critic_opt"])
     warmup = min(200, max(1, total // 20))
+    adv_start = int(ADVERSARIAL_START * total)
     decay = min(EMA_DECAY, 1.0 - 10.0 / total)  # short runs would otherwise evaluate the initial weights
     meta = {"preset": p.name, "grid": dataclasses.asdict(p.grid), "train_subjects": len(train),
             "labelled_frames": len(labelled), "seed": seed}
@@ -95,7 +120,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     if resume and not restore:
         log.note(f"no resume state in {out} yet (stopped before its first evaluation): starting again from step 0")
     log.note(f"VAE {p.name}: {len(train)} training subjects ({len(frames)} frames, {len(labelled)} labelled), "
-             f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, device {dev}"
+             f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, frequency term "
+             f"{run['frequency']:g}, adversarial {run['adversarial']:g} from step {adv_start}, device {dev}"
              + (f", {procs.world} processes" if procs.world > 1 else ""))
     part = procs.part(bs)
     model.train()
@@ -113,12 +139,28 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         with autocast(dev):
             image, logits, posterior = net(x, noise=noise)
         losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask, totals={k: v.to(dev) for k, v in
-                          totals.items()}, share=procs.world)
+                          totals.items()}, share=procs.world, frequency=run["frequency"])
+        adversarial = critic is not None and step >= adv_start
+        if adversarial:   # the generator's hinge term: raise the critic's score of the reconstructed slices
+            critic.requires_grad_(False)
+            with autocast(dev):
+                losses["adv"] = -critic(real_slices(image, zmask)).float().mean()
+            critic.requires_grad_(True)
+            losses["loss"] = losses["loss"] + run["adversarial"] * losses["adv"]
         check_finite(procs.mean(losses["loss"]), step, out, log)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if adversarial:   # the critic's hinge loss (Lim and Ye 2017): real slices above +1, reconstructions below -1
+            with autocast(dev):
+                fake = critic(real_slices(image.detach(), zmask)).float()
+                real = critic(real_slices(target, zmask)).float()
+            losses["critic"] = F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+            critic_opt.zero_grad(set_to_none=True)
+            losses["critic"].backward()
+            procs.average_grads(critic)
+            critic_opt.step()
         update_ema(ema, model, decay if step > 0 else 0.0)
         log.step(step, {k: procs.mean(v).item() for k, v in losses.items()}, lr_now)
 
@@ -133,7 +175,10 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
                 if score > best["score"] or not best_path.exists():
                     best = {"score": score, "step": done}
                     save_checkpoint(best_path, ema, "vae", p.vae, info)
-                save_state(state_path, model, opt, ema, done, {"rng": rng.state(), "best": best})
+                extra = {"rng": rng.state(), "best": best}
+                if critic is not None:
+                    extra.update(critic=critic.state_dict(), critic_opt=critic_opt.state_dict())
+                save_state(state_path, model, opt, ema, done, extra)
     log.note(f"best checkpoint: step {best.get('step')} ({best_path})")
     log.close()
     procs.barrier()
@@ -152,7 +197,7 @@ def _batch(train, frames, labelled, rng: RunRandom, bs: int):
     for lab in from_labelled:
         pool = labelled if lab else frames
         picks.append(pool[rng.indices(len(pool), 1)[0]])
-    image = torch.from_numpy(np.stack([train[s].image[..., t] for s, t in picks]))[:, None]   # (B, 1, X, Y, Z)
+    image = torch.from_numpy(np.stack([train[s].image[..., t] for s, t in picks])).float()[:, None]  # (B, 1, X, Y, Z)
     shape = image.shape[2:]
     mask = torch.from_numpy(np.stack([train[s].masks.get(t, np.zeros(shape, np.uint8)) for s, t in picks])).long()
     label_w = torch.tensor([float(t in train[s].masks) for s, t in picks])
@@ -174,9 +219,28 @@ def loss_totals(target, label_w, zmask) -> dict:
             "frames": label_w.sum()}
 
 
+def real_slices(volume, zmask) -> torch.Tensor:
+    """(B, 1, X, Y, Z) frames -> (N, 1, X, Y): their in-plane slices that are not padding."""
+    slices = volume.permute(0, 4, 1, 2, 3).flatten(0, 1)            # (B * Z, 1, X, Y)
+    return slices[zmask.reshape(-1) > 0]
+
+
+def frequency_l1(image, target, zmask, pixels=None) -> torch.Tensor:
+    """Mean |F(image) - F(target)| over the in-plane 2D Fourier coefficients (orthonormal) of real slices;
+    pixels: the real pixels the mean is over (the global batch's, under data parallelism).
+
+    Orthonormal: the coefficients carry the pixels' energy (Parseval), so the term has the pixel
+    L1's scale; unlike it, each frequency counts alike, and a blurred edge loses at many of them.
+    """
+    diff = torch.fft.rfft2((image - target) * zmask, dim=(2, 3), norm="ortho")   # (B, 1, X, Y // 2 + 1, Z)
+    pixels = zmask.sum() * image.shape[2] * image.shape[3] if pixels is None else pixels
+    return diff.abs().sum() / (pixels * diff.shape[3] / image.shape[3]).clamp_min(1.0)
+
+
 def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=KL_WEIGHT, totals=None,
-             share=1.0) -> dict:
-    """Loss terms (scalars): L1 reconstruction and KL on every frame, CE + soft Dice on labelled ones.
+             share=1.0, frequency=0.0) -> dict:
+    """Loss terms (scalars): L1 reconstruction, the frequency-domain L1 (weight `frequency`) and KL on
+    every frame, CE + soft Dice on labelled ones.
 
     image (B, 1, X, Y, Z), logits (B, C, X, Y, Z), target (B, 1, X, Y, Z), mask (B, X, Y, Z) long,
     label_w (B,) 1 for a labelled frame, 0 otherwise; zmask (B, 1, 1, 1, Z) 1 on real slices.
@@ -199,7 +263,11 @@ def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=K
     soft_dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean(dim=1)        # (B,)
     dice = (soft_dice * label_w).sum() / totals["frames"].clamp_min(1.0) * share
     loss = rec + kl_weight * kl + ce + dice
-    return {"loss": loss, "l1": rec, "kl": kl, "ce": ce, "dice": dice}
+    terms = {"l1": rec, "kl": kl, "ce": ce, "dice": dice}
+    if frequency > 0:
+        terms["freq"] = frequency_l1(image, target, zmask, totals["real"]) * share
+        loss = loss + frequency * terms["freq"]
+    return {"loss": loss, **terms}
 
 
 def evaluate_vae(model, subjects, device) -> dict:
@@ -242,7 +310,7 @@ def latent_scale(model, subjects, device, n_frames: int = SCALE_FRAMES) -> float
     picks = [frames[i] for i in np.linspace(0, len(frames) - 1, min(n_frames, len(frames))).round().astype(int)]
     was_training = model.training
     model.eval()
-    x = torch.from_numpy(np.stack([s.image[..., t] for s, t in picks]))[:, None]             # (N, 1, X, Y, Z)
+    x = torch.from_numpy(np.stack([s.image[..., t] for s, t in picks])).float()[:, None]     # (N, 1, X, Y, Z)
     mean = encode_frames(model, x, device)                                                  # (N, C, x, y, Z)
     values = [mean[j, ..., :s.n_slices].flatten() for j, (s, _) in enumerate(picks)]
     model.train(was_training)
