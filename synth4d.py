@@ -355,9 +355,9 @@ def generate(out, **kw):
 @click.option("--seg-steps", type=click.IntRange(min=1), default=600, show_default=True,
               help="Training steps of each compact-segmenter fit (--realism, --downstream).")
 @click.option("--seg-spacing", type=click.FloatRange(min=0.3, max=5.0), default=1.5, show_default=True,
-              help="--downstream: in-plane spacing (mm) of the segmenter's grid.")
+              help="--downstream, and --realism without GENERATED: in-plane spacing (mm) of the segmenter's grid.")
 @click.option("--seg-size", type=click.IntRange(min=16, max=512), default=96, show_default=True,
-              help="--downstream: in-plane size of the segmenter's grid (rounded up to a multiple of 8).")
+              help="--downstream, and --realism without GENERATED: in-plane size of the segmenter's grid (rounded up to a multiple of 8).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the realism judge's fit and held-out split.")
 @click.option("--i3d", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="I3D weights (PyTorch state dict or TorchScript export) for true FVD.")

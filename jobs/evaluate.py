@@ -118,7 +118,8 @@ def evaluate(real, generated=None, fvd=False, control=False, coherence=False, re
     if agreement:
         result["agreement"] = image_mask_agreement(gen_ds, *vae, dev, vae_path)
     if realism:
-        result["realism"] = run_realism(real_ds, gen_ds, grid or vae[1]["grid"], fit_settings, vae=vae, device=dev)
+        result["realism"] = run_realism(real_ds, gen_ds, grid or judge_grid(seg_spacing, seg_size), fit_settings,
+                                        vae=vae, device=dev)
     if memorisation:
         result["memorisation"] = run_memorisation(real_ds, gen_ds, *vae, dev,
                                                   heldout_ds=scan(heldout) if heldout is not None else None)

@@ -5,7 +5,9 @@ The judge is the compact segmenter (jobs.compact), fitted on the labelled frames
 only, on the generated set's grid. It then segments three kinds of frames, each scored by Dice per
 structure against its own mask:
   real           the held-out part of REAL (the reference: what the judge achieves on real images);
-  reconstructed  the same held-out frames after a VAE round trip (with a VAE on the same grid);
+  reconstructed  the same held-out frames after a VAE round trip on the VAE's own grid; a VAE on another
+                 grid has its round trips resampled onto the judge's, so the row then also holds
+                 what the VAE's grid loses (a coarse grid thins the RV wall and the myocardium);
   generated      GENERATED's frames (up to FitSettings.max_frames per subject) against the generated masks.
 Realism of a kind = its Dice / the real Dice, per structure. Sharpness of a kind = its mean
 high-frequency energy (cine.metrics.high_frequency_energy, sigma 1 voxel) in a box around the heart
@@ -22,7 +24,7 @@ import numpy as np
 
 from synth4d.cine import LABELS, UserError
 from synth4d.cine.metrics import dice, high_frequency_energy
-from synth4d.cine.prep import prepare_subject, split_ids
+from synth4d.cine.prep import _resample, _weights, prepare_subject, split_ids
 from synth4d.jobs.compact import (NOT_NNUNET, FitSettings, Slices, collect, fit, frames_with_labels, from_arrays,
                                   predict, settings_dict)
 from synth4d.nets.config import GridConfig
@@ -88,10 +90,44 @@ def _reconstructed(vae, refs, grid, device, max_frames) -> Slices:
     return from_arrays(images, labels, subject, frame, ids)
 
 
+def _reconstructed_elsewhere(vae, refs, vgrid, grid, device, max_frames) -> Slices:
+    """As _reconstructed, for a VAE whose grid `vgrid` is not the judge's `grid`: each round trip is
+    resampled once (linearly) from the VAE's crop onto the judge's crop of the same subject, and its
+    intensities mapped from the VAE grid's normalisation to the judge grid's; judge slices outside the
+    VAE's slice block are left out of the row."""
+    images, labels, subject, frame, ids = [], [], [], [], []
+    for ref in refs:
+        s = ref.load()
+        pj, pv = prepare_subject(s, grid), prepare_subject(s, vgrid)
+        chosen = frames_with_labels(pj, max_frames)
+        if not chosen:
+            continue
+        ts = [t for t, _ in chosen]
+        recon = np.stack([im for _, im, _, _, _ in reconstruct_frames(vae, pv, device, frames=ts)], axis=3)
+        (jx, jy), (vx, vy) = pj.src["origin"], pv.src["origin"]       # source voxels, canonical axes
+        (sjx, sjy), (svx, svy) = pj.src["scale"], pv.src["scale"]
+        wx = _weights(grid.size, vgrid.size, (jx - vx) / svx, sjx / svx)
+        wy = _weights(grid.size, vgrid.size, (jy - vy) / svy, sjy / svy)
+        on_judge = _resample(recon, wx, wy, bg=-1.0)                    # (X, Y, n_v, T') judge crop
+        (lv, hv), (lj, hj) = pv.src["intensity"], pj.src["intensity"]
+        on_judge = np.clip(((on_judge + 1) / 2 * (hv - lv) + lv - lj) / max(hj - lj, 1e-6) * 2 - 1, -1, 1)
+        shift = pj.src["z0"] - pv.src["z0"]                              # judge slice k = VAE slice k + shift
+        ks = [k for k in range(pj.n_slices) if 0 <= k + shift < pv.n_slices]
+        if not ks:
+            continue
+        for i, (t, mask) in enumerate(chosen):
+            images.append(np.moveaxis(on_judge[:, :, [k + shift for k in ks], i], 2, 0))
+            labels.append(np.moveaxis(mask[:, :, ks], 2, 0))
+            subject += [len(ids)] * len(ks)
+            frame += [t] * len(ks)
+        ids.append(pj.id)
+    return from_arrays(images, labels, subject, frame, ids)
+
+
 def realism(real_ds, gen_ds, grid: GridConfig, settings: FitSettings, vae=None, device="cpu") -> dict:
     """The realism and sharpness figures of gen_ds against real_ds on `grid` (see the module docstring);
-    vae = (model, meta) adds the reconstructed row when its grid has the same spacing. gen_ds None:
-    the real and reconstructed rows alone (grid: the VAE's)."""
+    vae = (model, meta) adds the reconstructed row (see the module docstring). gen_ds None: the real and
+    reconstructed rows alone."""
     grid = judge_grid(grid.spacing, grid.size)
     labelled = [r for r in real_ds.refs if has_labels(r)]
     if len(labelled) < 2:
@@ -114,11 +150,14 @@ def realism(real_ds, gen_ds, grid: GridConfig, settings: FitSettings, vae=None, 
     if vae is not None:
         model_vae, meta = vae
         vgrid = meta["grid"]
-        if abs(vgrid.spacing - grid.spacing) < 1e-6 and vgrid.size % 8 == 0:
-            rows["reconstructed"] = score(model, _reconstructed(model_vae, [by_id[i] for i in test_ids], vgrid,
-                                                                device, settings.max_frames), grid.spacing)
+        refs = [by_id[i] for i in test_ids]
+        if abs(vgrid.spacing - grid.spacing) < 1e-6 and vgrid.size == grid.size:
+            slices = _reconstructed(model_vae, refs, vgrid, device, settings.max_frames)
         else:
-            note = f"no reconstructed row: the VAE's grid ({vgrid.spacing} mm) is not the generated set's ({grid.spacing} mm)"
+            slices = _reconstructed_elsewhere(model_vae, refs, vgrid, grid, device, settings.max_frames)
+            note = (f"reconstructed on the VAE's grid ({vgrid.size} x {vgrid.size} at {vgrid.spacing:g} mm), "
+                    f"scored on the judge's: the row includes that grid's loss")
+        rows["reconstructed"] = score(model, slices, grid.spacing)
     if gen is not None:
         rows["generated"] = score(model, gen, grid.spacing)
     ref = rows["real"]
