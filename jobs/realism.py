@@ -170,7 +170,8 @@ def realism(real_ds, gen_ds, grid: GridConfig, settings: FitSettings, vae=None, 
                                     "trained_on": {"subjects": len(train.ids), "slices": len(train)},
                                     "held_out": test_ids},
             "grid": dataclasses.asdict(grid), "note": note,
-            "protocol": "judge fitted on REAL's labelled frames (held-out part excluded), on the generated grid; "
+            "protocol": "judge fitted on REAL's labelled frames (held-out part excluded), on the generated grid "
+                        "(without GENERATED: --seg-spacing, --seg-size); "
                         "realism = Dice / Dice of held-out real frames, per structure; sharpness = high-frequency "
                         f"energy (image - Gaussian(1 voxel)) in the heart box (+{MARGIN_MM:g} mm) / that of "
                         "held-out real frames"}
