@@ -58,7 +58,11 @@ def test_ratio_and_all_frames(tiny_phantom, synthetic, tmp_path):
     assert 2 <= len(syn) <= 3                               # at most 0.25 x 12 real cases, whole subjects
     _export(tiny_phantom, synthetic, tmp_path, "--id", 8, "--name", "Few", "--frames", "all", "--overwrite")
     syn = sorted(p.name for p in (folder / "labelsTr").iterdir() if p.name.startswith("gen_"))
-    assert len(syn) == 3 * 4 and "gen_synth_0000_f01.nii.gz" in syn
+    assert len(syn) == 3 * 4                                # every frame of 3 subjects of 4 frames
+    first = [n for n in syn if n.startswith("gen_synth_0000_")]
+    tags = sorted(n[len("gen_synth_0000_"):-len(".nii.gz")] for n in first)
+    # ED and ES by name, the other two frames by number (which ones depends on where the generated ES falls)
+    assert tags[:2] == ["ed", "es"] and all(t[0] == "f" and t[1:].isdigit() for t in tags[2:]), tags
 
 
 @pytest.mark.parametrize("argv, expect", [
