@@ -49,9 +49,14 @@ def draw_parameters(rng, dx):
                 height=round(height, 1), weight=round(u(19, 32) * (height / 100) ** 2, 1))
 
 
+def _turn(angle):
+    """|angle| wrapped into [0, pi]: the angular distance an angle difference stands for."""
+    return np.abs(np.angle(np.exp(1j * angle)))
+
+
 def _window(centre, half, soft=0.35):
     """Angular plateau on _THETA: 1 within `half` radians of centre, ramping to 0 over `soft`."""
-    delta = np.abs(np.angle(np.exp(1j * (_THETA - centre))))
+    delta = _turn(_THETA - centre)
     return np.clip((half + soft / 2 - delta) / soft, 0, 1)
 
 
@@ -92,13 +97,13 @@ class Heart:
         # the LV cavity radius (free wall, not the smooth septum) and of the RV cavity's width; one
         # moderator band crosses the RV at mid to apical levels. The masks count them as cavity (ACDC).
         def fingers(n, width, depth):
-            spikes = depth * u(0.3, 1, (n, 1)) * np.exp(-np.square(np.angle(np.exp(1j * (
-                _THETA - u(0, 2 * np.pi, (n, 1)))))) / (2 * np.square(width * u(0.6, 1.4, (n, 1)))))
+            spikes = depth * u(0.3, 1, (n, 1)) * np.exp(-np.square(_turn(_THETA - u(0, 2 * np.pi, (n, 1))))
+                                                        / (2 * np.square(width * u(0.6, 1.4, (n, 1)))))
             return spikes.max(0)
         self.trab_lv = fingers(int(rng.integers(10, 20)), 0.05, u(0.08, 0.2) * (1.5 if dx == "DCM" else 1)) \
             * (1 - _window(self.rv_dir, 0.9))
         self.trab_rv = fingers(int(rng.integers(6, 12)), 0.06, u(0.15, 0.35))
-        self.band = (u(0.5, 0.75), np.exp(-np.square(np.angle(np.exp(1j * (_THETA - self.rv_dir - u(-0.5, 0.5)))))
+        self.band = (u(0.5, 0.75), np.exp(-np.square(_turn(_THETA - self.rv_dir - u(-0.5, 0.5)))
                                           / (2 * 0.04 ** 2)))   # (relative depth, angular profile)
         harmonics = np.cos(np.arange(1, 4)[:, None] * _THETA - u(0, 2 * np.pi, (3, 1)))   # (3, N_THETA)
         self.fat = np.clip(u(0.5, 2) + u(0.5, 1.5, 3) @ harmonics, 0, 6)  # epicardial fat thickness (mm)

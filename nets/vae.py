@@ -73,9 +73,9 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        w = cfg.widths
-        self.conv_in = conv3(1, w[0], kernel=_kernels(cfg)[0])
-        layers, ch = _levels(w[0], w, cfg.blocks, Downsample, _kernels(cfg))
+        w, kernels = cfg.widths, _kernels(cfg)
+        self.conv_in = conv3(1, w[0], kernel=kernels[0])
+        layers, ch = _levels(w[0], w, cfg.blocks, Downsample, kernels)
         # No self-attention: at the lowest level the cpu grid still has 16 x 16 x 12 positions,
         # where attention costs more than the whole encoder; one more block mixes context instead.
         layers.append(ResBlock(ch, ch))
@@ -95,9 +95,10 @@ class Decoder(nn.Module):
         ch = w[0]
         self.conv_in = nn.Conv3d(cfg.latent_ch, ch, 3, padding=1)
         first = ResBlock(ch, ch)
-        layers, ch = _levels(ch, w, cfg.blocks, Upsample, _kernels(cfg)[::-1])
+        kernels = _kernels(cfg)
+        layers, ch = _levels(ch, w, cfg.blocks, Upsample, kernels[::-1])
         self.body = nn.Sequential(first, *layers)
-        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(conv3(ch, out_ch, kernel=_kernels(cfg)[0])))
+        self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_module(conv3(ch, out_ch, kernel=kernels[0])))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.out(self.body(self.conv_in(z)))
