@@ -29,6 +29,17 @@ DEVICE = click.option("--device", default="auto", show_default=True,
                       help="torch device: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:1, mps.")
 
 
+def _set_precision(ctx, param, value):
+    from synth4d.nets.device import set_precision
+    set_precision(value)
+
+
+PRECISION = click.option("--precision", type=click.Choice(("auto", "fp32", "bf16")), default="auto", show_default=True,
+                         expose_value=False, callback=_set_precision, is_eager=True,
+                         help="Arithmetic of the networks: auto is bf16 on CUDA and on CPUs with native bf16 "
+                              "(avx512_bf16, AMX), else fp32.")
+
+
 def load(weights=None, device: str = "auto"):
     """The Python API: a Synthesizer (synth4d.jobs.synthesize) on the weights in folder `weights`
     (vae/static/motion .safetensors), else the shipped ones. `.generate(dx=..., lvedv=..., seed=...)`
@@ -57,6 +68,7 @@ def _common_train(f):
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate [preset default]."),
         click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped."),
         DEVICE,
+        PRECISION,
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split, initialisation and batches."),
         click.option("--skip-bad", is_flag=True, help="Skip subjects whose files are unusable (listed on stderr) instead of stopping."),
         click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -152,6 +164,7 @@ def train_vae(data, out, **kw):
 @click.option("--weights", type=click.Path(exists=True, path_type=Path), default=None,
               help="vae.safetensors [the shipped default].")
 @DEVICE
+@PRECISION
 @click.option("--json", "as_json", is_flag=True, help="Print measures as JSON lines on stdout.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 def segment(image, out, weights, device, as_json, overwrite):
@@ -286,6 +299,7 @@ def _prior_options(f):
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae/static/motion .safetensors [the shipped weights].")
 @DEVICE
+@PRECISION
 @click.option("--layout", type=click.Choice(("flat", "acdc")), default="flat", show_default=True,
               help="flat: OUT/subj_NNN_image.nii.gz + _mask; acdc: a data set the loader reads back.")
 @click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="Index of the first subject (regenerate one alone).")
@@ -367,6 +381,7 @@ def generate(out, **kw):
 @click.option("--weights", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder with vae.safetensors [the shipped weights].")
 @DEVICE
+@PRECISION
 @click.option("--json", "as_json", is_flag=True, help="Metrics as JSON on stdout (the table then goes to stderr).")
 def evaluate(real, generated, **kw):
     """Evaluate GENERATED against REAL (data sets the loader reads); with no metric switch, all that apply

@@ -232,7 +232,7 @@ def sidecar(row: dict, subject: Synthetic, labels: str) -> dict:
     return {"synthetic": True, "generator": f"synth4d {__version__}", "id": row["id"], "dx": row["dx"] or None,
             **measures, "given": [k for k in MEASURES if row[f"given_{k}"]],
             "seed": row["seed"], "attempts": row["attempts"], "plausible": row["plausible"],
-            "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "keyframes")},
+            "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "keyframes", "precision")},
             "weights": row["weights"], "request": row["request"],
             "frames": row["frames"], "ed": row["ed"], "es": row["es"],
             "spacing_mm": list(subject.geometry.spacing), "frame_ms": subject.geometry.frame_ms,

@@ -23,6 +23,7 @@ from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve
 from synth4d.cine.grid import OutputGrid, place
 from synth4d.cine.nifti import Geometry
 from synth4d.cine.priors import REQUESTABLE, check_request, draw
+from synth4d.nets.device import uses_bf16
 from synth4d.nets.diffusion import SAMPLERS
 from synth4d.nets.pipeline import Generator4D
 from synth4d.weights.checkpoint import load_chain
@@ -67,6 +68,7 @@ class Synthetic:
     seed: int = 0
     attempts: int = 1
     plausible: str = "yes"      # or why the last of MAX_ATTEMPTS draws still failed the check
+    precision: str = "fp32"     # the networks' arithmetic (nets.device.uses_bf16)
 
     @property
     def affine(self) -> np.ndarray:
@@ -145,7 +147,8 @@ class Synthesizer:
             spacing = (*(output.spacing or spacing[:2]), spacing[2])
             measured = clinical_measures(labels[..., 0], labels[..., es], spacing)
         geometry = Geometry(affine, tuple(float(z) for z in spacing), values["rr_ms"] / T)
-        return Synthetic(image, labels, geometry, values, measured, es, s, attempt + 1, why or "yes")
+        return Synthetic(image, labels, geometry, values, measured, es, s, attempt + 1, why or "yes",
+                         "bf16" if uses_bf16(self.chain.device) else "fp32")
 
     def generate(self, dx=None, seed: int = 0, index: int = 0, frames: int = 30, slices=None,
                  sampling: Sampling = Sampling(), **measures) -> Synthetic:
@@ -171,8 +174,7 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
     row = {"id": sid, "seed": subject.seed, "attempts": subject.attempts, "plausible": subject.plausible,
            "dx": v["dx"] or "", "ed": 0, "es": subject.es, "frames": subject.image.shape[3], "slices": v["slices"],
            "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
-           "guidance": sampling.guidance,
-           "keyframes": sampling.keyframes}
+           "guidance": sampling.guidance, "keyframes": sampling.keyframes, "precision": subject.precision}
     for k in MEASURES:
         m = float(subject.measured[k])
         row[f"requested_{k}"] = round(v[k], 3)

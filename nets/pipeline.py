@@ -68,7 +68,12 @@ class Generator4D:
         """cond (batch 1) -> the ED latent (1, C, X, Y, Z)."""
         shape = (1, self.static.cfg.in_ch) + self.latent_size
         x_T = torch.randn(shape, generator=generator).to(self.device)
-        return SAMPLERS[sampler](lambda x, t, c: self.static(x, t, c), x_T, self.sched, steps=steps, guidance=guidance,
+
+        def model_fn(x, t, c):   # the sampler's own arithmetic stays in float32
+            with autocast(self.device):
+                return self.static(x, t, c).float()
+
+        return SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance,
                            cond=cond, uncond=null_conditions(cond, self.static.cond_embed.null_dx), pred=self.pred)
 
     @torch.no_grad()
@@ -90,7 +95,8 @@ class Generator4D:
 
             def model_fn(x, t, c):
                 reps = x.shape[0] // n  # 2 when guidance batches cond and uncond together
-                return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1))
+                with autocast(self.device):
+                    return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1)).float()
 
             residual[todo] = SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=sub,
                                          uncond=null_conditions(sub, self.motion.cond_embed.null_dx), pred=self.pred)
@@ -102,9 +108,10 @@ class Generator4D:
         """Scaled latents (T, C, X, Y, Z) -> image (X, Y, Z, T) in [-1, 1] and labels (X, Y, Z, T) uint8."""
         images, labels = [], []
         for chunk in z.split(self.decode_batch):
-            image, logits = self.vae.decode(chunk / self.vae_scale)
+            with autocast(self.device):
+                image, logits = self.vae.decode(chunk / self.vae_scale)
             images.append(image[:, 0].float().clamp(-1, 1).cpu())                          # (b, X, Y, Z)
-            labels.append(logits.argmax(dim=1).to(torch.uint8).cpu())                      # (b, X, Y, Z)
+            labels.append(logits.float().argmax(dim=1).to(torch.uint8).cpu())              # (b, X, Y, Z)
         return torch.cat(images).permute(1, 2, 3, 0), torch.cat(labels).permute(1, 2, 3, 0)
 
     @property

@@ -1,5 +1,5 @@
-"""Benchmark: generation time by stage for DDIM and the default sampler (and their ratio), peak memory, training
-steps/s, FLOP efficiency, paper preset.
+"""Benchmark: generation time by stage for DDIM in fp32 (the reference), the default and other settings (and their
+ratios), peak memory, training steps/s and FLOP efficiency in fp32 and bf16, paper preset.
 
 Run `python scripts/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
 asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from synth4d.nets.config import get_preset
+from synth4d.nets.device import autocast, native_bf16_cpu, set_precision, uses_bf16
 from synth4d.nets.diffusion import make_schedule
 from synth4d.nets.pipeline import Generator4D
 from synth4d.nets.unet import UNet
@@ -44,8 +45,8 @@ def flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def matmul_gflops(n=2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n=2048, dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / median_time(lambda: a @ b, repeats=10) / 1e9
 
 
@@ -79,12 +80,17 @@ def forward_costs(p, vae, static, motion, frames):
         t = torch.full((batch,), 500)
         cond = cond_for(net.cfg, batch)
         call = lambda: net(x, t, cond, ctx=ctx)  # noqa: E731
-        out[name] = (flops(call), median_time(call, repeats=3), batch)
+        out[name] = (flops(call), median_time(lambda: _autocast(call), repeats=3), batch)
     if vae is None:
         return out
     z = torch.randn(8, C, X, Y, Z).to(memory_format=CL)
-    out["decoder"] = (flops(lambda: vae.decode(z)), median_time(lambda: vae.decode(z), repeats=3), 8)
+    out["decoder"] = (flops(lambda: vae.decode(z)), median_time(lambda: _autocast(lambda: vae.decode(z)), repeats=3), 8)
     return out
+
+
+def _autocast(fn):
+    with autocast("cpu"):
+        return fn()
 
 
 def train_steps_per_s(p, vae, static, motion):
@@ -99,12 +105,12 @@ def train_steps_per_s(p, vae, static, motion):
         if name == "vae":
             (x,) = make(batch)
             x = x.to(memory_format=CL)
-            loss_fn = lambda: sum(o.float().mean() for o in net(x)[:2])  # noqa: E731
+            loss_fn = lambda: sum(o.float().mean() for o in _autocast(lambda: net(x))[:2])  # noqa: E731
         else:
             x = torch.randn(batch, C, X, Y, Z).to(memory_format=CL)
             ctx = torch.randn(batch, net.cfg.ctx_ch, X, Y, Z).to(memory_format=CL) if net.cfg.ctx_ch else None
             t, cond = torch.randint(0, 1000, (batch,)), cond_for(net.cfg, batch)
-            loss_fn = lambda: net(x, t, cond, ctx=ctx).square().mean()  # noqa: E731
+            loss_fn = lambda: _autocast(lambda: net(x, t, cond, ctx=ctx)).float().square().mean()  # noqa: E731
 
         def step():
             opt.zero_grad()
@@ -121,14 +127,18 @@ def main():
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps of the reference setting and of the paper ratio")
     ap.add_argument("--subjects", type=int, default=3)
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
-    ap.add_argument("--compare", nargs="*", default=["dpmpp_2m:15:12", "dpmpp_2m:10:12", "dpmpp_2m:10:8"],
-                    help="sampler:steps:keyframes settings timed beside DDIM (and the default), with their ratio")
+    ap.add_argument("--compare", nargs="*", default=["dpmpp_2m:15:12:fp32", "dpmpp_2m:15:12:auto",
+                                                     "dpmpp_2m:10:12:auto"],
+                    help="sampler:steps:keyframes:precision settings timed beside DDIM in fp32 (the reference) "
+                         "and the default, with their ratio to the reference")
     ap.add_argument("--skip-paper", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     peak_gflops = matmul_gflops()
-    print(f"fp32 matmul (2048^3): {peak_gflops:.1f} GFLOP/s")
+    print(f"fp32 matmul (2048^3): {peak_gflops:.1f} GFLOP/s; bf16: {matmul_gflops(dtype=torch.bfloat16):.1f} GFLOP/s; "
+          f"native bf16 on this CPU: {native_bf16_cpu()} (--precision auto computes in "
+          f"{'bf16' if native_bf16_cpu() else 'fp32'})")
 
     p, vae, static, motion = networks("cpu", args.weights)
     for net in (vae, static, motion):
@@ -139,12 +149,13 @@ def main():
                         norm(motion.cfg), p.grid, {})
     values = {"dx": static.cfg.dx_vocab[0], **{k: 0.0 for k in static.cfg.scalars + motion.cfg.scalars}}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reference = ("ddim", args.steps, args.keyframes)
-    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], args.keyframes)
-    settings = list(dict.fromkeys([reference, default] + [(s, int(n), int(k)) for s, n, k in
+    reference = ("ddim", args.steps, args.keyframes, "fp32")
+    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], args.keyframes, "auto")
+    settings = list(dict.fromkeys([reference, default] + [(s, int(n), int(k), pr) for s, n, k, pr in
                                                           (c.split(":") for c in args.compare)]))
     medians = {}
-    for sampler, steps, keyframes in settings:
+    for sampler, steps, keyframes, precision in settings:
+        set_precision(precision)
         per_subject, stages = [], []
         for i in range(args.subjects):
             timings = {}
@@ -153,11 +164,12 @@ def main():
                            guidance=2.0, keyframes=keyframes, timings=timings, sampler=sampler)
             per_subject.append(time.perf_counter() - t)
             stages.append(timings)
-        medians[sampler, steps, keyframes] = statistics.median(per_subject)
+        setting = (sampler, steps, keyframes, precision)
+        medians[setting] = statistics.median(per_subject)
         print(f"\ngeneration, {args.frames}-frame subject, {keyframes or args.frames} motion keyframes, "
-              f"{sampler} {steps} steps per model, guidance 2 (median of {args.subjects}): "
-              f"{medians[sampler, steps, keyframes]:.2f} s"
-              + (" (the default)" if (sampler, steps, keyframes) == default else ""))
+              f"{sampler} {steps} steps per model, guidance 2, precision {precision} "
+              f"({'bf16' if uses_bf16('cpu') else 'fp32'}) (median of {args.subjects}): {medians[setting]:.2f} s"
+              + (" (the default)" if setting == default else ""))
         for k in ("static", "motion", "decode"):
             print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
     for setting, seconds in medians.items():
@@ -167,16 +179,23 @@ def main():
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
 
-    print("\nFLOP efficiency (one forward at the generation loop's batch):")
-    costs = forward_costs(p, vae, static, motion, args.frames)
-    for name, (f, sec, batch) in costs.items():
-        rate = f / sec / 1e9
-        print(f"  {name:<8} batch {batch:3d}: {f / 1e9:8.1f} GFLOP in {sec:6.3f} s = {rate:6.1f} GFLOP/s "
-              f"({100 * rate / peak_gflops:.0f}% of matmul)")
-
-    print("\ntraining steps/s at the cpu preset's default batch sizes:")
-    for name, (rate, batch) in train_steps_per_s(p, vae, static, motion).items():
-        print(f"  {name:<8} batch {batch:3d}: {rate:.3f} steps/s")
+    precisions = ("fp32", "bf16") if native_bf16_cpu() else ("fp32",)
+    all_costs = {}
+    for precision in precisions:
+        set_precision(precision)
+        print(f"\nFLOP efficiency in {precision} (one forward at the generation loop's batch; % of the fp32 matmul):")
+        costs = all_costs[precision] = forward_costs(p, vae, static, motion, args.frames)
+        for name, (f, sec, batch) in costs.items():
+            rate = f / sec / 1e9
+            print(f"  {name:<8} batch {batch:3d}: {f / 1e9:8.1f} GFLOP in {sec:6.3f} s = {rate:6.1f} GFLOP/s "
+                  f"({100 * rate / peak_gflops:.0f}% of matmul)")
+    for precision in precisions:
+        set_precision(precision)
+        print(f"\ntraining steps/s at the cpu preset's default batch sizes, {precision}:")
+        for name, (rate, batch) in train_steps_per_s(p, vae, static, motion).items():
+            print(f"  {name:<8} batch {batch:3d}: {rate:.3f} steps/s")
+    set_precision("fp32")   # the paper comparison is in fp32
+    costs = all_costs["fp32"]
 
     if not args.skip_paper:
         pp, _, pstatic, pmotion = networks("paper")

@@ -21,7 +21,7 @@ from synth4d.cine.priors import FIELDS as PRIOR_FIELDS, fit_priors
 from synth4d.jobs.encode import encode_dataset
 from synth4d.nets.conditions import drop_conditions, normaliser
 from synth4d.nets.config import get_preset
-from synth4d.nets.device import autocast, select_device
+from synth4d.nets.device import autocast, select_device, uses_bf16
 from synth4d.nets.diffusion import diffusion_loss, make_schedule, min_snr_v_weight, q_sample, timestep_buckets
 from synth4d.nets.unet import UNet
 from synth4d.train.common import (Processes, QuietLog, RunLog, RunRandom, check_finite, load_state, lr_at, make_ema,
@@ -115,7 +115,8 @@ def train_ldm(task, data, vae_path, out, preset="cpu", steps=None, batch_size=No
     seconds0 = history[-1]["seconds"] if history else 0
     log.note(f"{stage} LDM {p.name}: {len(train)} training subjects, {len(val)} held out, "
              f"{sum(x.numel() for x in model.parameters()) / 1e6:.2f}M parameters; steps {start}->{total}, "
-             f"batch {bs}, lr {peak:g}, device {dev}" + (f", {procs.world} processes" if procs.world > 1 else ""))
+             f"batch {bs}, lr {peak:g}, device {dev} "
+             f"({'bf16' if uses_bf16(dev) else 'fp32'})" + (f", {procs.world} processes" if procs.world > 1 else ""))
     part = procs.part(bs)
     model.train()
     bucket_sum, bucket_n = torch.zeros(N_BUCKETS), torch.zeros(N_BUCKETS)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from synth4d.cine import LABELS, UserError, atomic_write
 from synth4d.nets.config import get_preset
-from synth4d.nets.device import autocast, select_device
+from synth4d.nets.device import autocast, select_device, uses_bf16
 from synth4d.nets.pipeline import encode_frames, reconstruct_frames
 from synth4d.nets.vae import VAE, PatchDiscriminator
 from synth4d.train.common import (Processes, QuietLog, RunLog, RunRandom, check_finite, load_state, lr_at, make_ema,
@@ -121,7 +121,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         log.note(f"no resume state in {out} yet (stopped before its first evaluation): starting again from step 0")
     log.note(f"VAE {p.name}: {len(train)} training subjects ({len(frames)} frames, {len(labelled)} labelled), "
              f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, frequency term "
-             f"{run['frequency']:g}, adversarial {run['adversarial']:g} from step {adv_start}, device {dev}"
+             f"{run['frequency']:g}, adversarial {run['adversarial']:g} from step {adv_start}, device {dev} "
+             f"({'bf16' if uses_bf16(dev) else 'fp32'})"
              + (f", {procs.world} processes" if procs.world > 1 else ""))
     part = procs.part(bs)
     model.train()
