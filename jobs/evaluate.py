@@ -274,15 +274,18 @@ def _mean(values):
 def reconstruction(real_ds, model, meta, device, path) -> dict:
     """PSNR and SSIM of every frame; Dice and HD95 per structure on labelled frames and on the
     other frames of a full-cycle ground truth (phantom); LVEF and RVEF of the decoded ED and ES masks
-    against the true ones; all on the VAE's grid."""
+    against the true ones; image change per frame of the decoded and of the real cycles (as --coherence
+    measures it: how much motion survives the VAE); all on the VAE's grid."""
     grid = meta["grid"]
     psnrs, ssims = [], []
     per = {kind: {c: {"dice": [], "hd95": []} for c in STRUCTURES} for kind in ("labelled", "unlabelled")}
     efs = {"lvef": ([], []), "rvef": ([], [])}     # (decoded, true) per subject
+    changes = {"decoded": [], "real": []}           # per subject, as coherence_stats computes image change
     for s in real_ds.load_each("reconstruction"):
         p = prepare_subject(s, grid)
-        decoded = {}
+        decoded, images = {}, []
         for t, image, pred, truth, kind in reconstruct_frames(model, p, device):
+            images.append(image)
             if t in p.masks:
                 decoded[t] = pred
             psnrs.append(psnr(image, p.image[:, :, :p.n_slices, t], data_range=2.0))
@@ -292,6 +295,9 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
             for c, d in dice(pred, truth, labels=STRUCTURES).items():
                 per[kind][c]["dice"].append(d)
                 per[kind][c]["hd95"].append(hd95(pred == c, truth == c, p.spacing))
+        if len(images) > 1:
+            for key, cycle in (("decoded", np.stack(images, axis=3)), ("real", p.image[:, :, :p.n_slices])):
+                changes[key].append(np.abs(np.roll(cycle, -1, axis=3) - cycle).mean(dtype=np.float64))
         if p.es is not None and {p.ed, p.es} <= set(decoded) and p.ed != p.es:
             n = p.n_slices
             got = clinical_measures(decoded[p.ed], decoded[p.es], p.spacing)
@@ -312,7 +318,7 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
                     "undefined": int(np.sum(~np.isfinite(a)))}
     ef["subjects"] = len(efs["lvef"][0])
     return {"psnr": _mean(psnrs), "ssim": _mean(ssims), "frames": len(psnrs), "masks": masks, "ef": ef,
-            "checkpoint": str(path),
+            "image_change": {k: _mean(v) for k, v in changes.items()}, "checkpoint": str(path),
             "grid": dataclasses.asdict(grid), "intensity": "images in [-1, 1] (cine.prep), PSNR/SSIM data range 2"}
 
 

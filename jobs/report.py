@@ -71,6 +71,9 @@ def format_table(result: dict) -> str:
             lines += [f"  decoded ED/ES masks, {r['ef']['subjects']} subjects: " + ", ".join(
                 f"{k.upper()} {_f(v['decoded_mean'], '.1f')} vs {_f(v['true_mean'], '.1f')} (bias {_f(v['bias'], '+.1f')}, "
                 f"MAE {_f(v['mae'], '.1f')} points)" for k, v in r["ef"].items() if k != "subjects")]
+        if r.get("image_change", {}).get("decoded") is not None:
+            c = r["image_change"]
+            lines += [f"  image change / frame: decoded {_f(c['decoded'], '.4f')} vs real {_f(c['real'], '.4f')}"]
     if "agreement" in result:
         a = result["agreement"]
         lines += ["", f"image-mask agreement ({a['subjects']} subjects, {a['frames']} frames; the VAE's mask head on "

@@ -209,6 +209,27 @@ def test_reconstruction_with_a_tiny_vae(small_phantom, tiny_vae):
             assert e["undefined"] <= len(true)
 
 
+def test_reconstruction_image_change(small_phantom, tiny_vae, monkeypatch):
+    """How much motion survives the VAE: a decoder that keeps every frame scores the real change, one that
+    freezes the cycle at frame 0 scores none; the real figure is the numpy mean |frame t+1 - frame t|."""
+    import synth4d.jobs.evaluate as ev
+    real_frames = ev.reconstruct_frames
+    grid = load_vae(tiny_vae / "vae.safetensors", "cpu")[1]["grid"]
+    preps = [prepare_subject(ref.load(), grid) for ref in scan(small_phantom).refs]
+    want = np.mean([np.mean([np.abs(p.image[:, :, :p.n_slices, (t + 1) % p.image.shape[3]]
+                                    - p.image[:, :, :p.n_slices, t]).mean() for t in range(p.image.shape[3])])
+                    for p in preps])
+    for name, frame in (("perfect", lambda p, t: p.image[:, :, :p.n_slices, t]),
+                        ("frozen", lambda p, t: p.image[:, :, :p.n_slices, 0])):
+        def fake(model, p, device, frames=None, frame=frame):
+            for t, _, pred, truth, kind in real_frames(model, p, device, frames):
+                yield t, frame(p, t), pred, truth, kind
+        monkeypatch.setattr(ev, "reconstruct_frames", fake)
+        c = evaluate(small_phantom, None, recon=True, weights=tiny_vae)["recon"]["image_change"]
+        assert c["real"] == pytest.approx(want, rel=1e-6) and want > 0
+        assert c["decoded"] == (pytest.approx(want, rel=1e-6) if name == "perfect" else 0.0)
+
+
 def test_fvd_vae_and_errors(small_phantom, fake_set, tiny_vae, tmp_path):
     result = evaluate(small_phantom, fake_set[0], fvd=True, weights=tiny_vae)
     assert "fvd" not in result
