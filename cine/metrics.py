@@ -116,10 +116,18 @@ def gaussian_stats(features) -> tuple:
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
+def _rank_clip(w: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those at rounding level (below max * D * eps, the rank tolerance of
+    numpy.linalg.matrix_rank) set to 0. Left in, the square roots of a singular covariance's ~D - N
+    rounding-level eigenvalues add up to a machine-dependent 1e-6 of the distance."""
+    tol = max(float(w.max()), 0.0) * len(w) * np.finfo(np.float64).eps
+    return np.where(w > tol, w, 0.0)
+
+
 def _sqrt_psd(s: np.ndarray) -> np.ndarray:
-    """Square root of a symmetric positive semi-definite matrix; rounding-level negative eigenvalues are zeroed."""
+    """Square root of a symmetric positive semi-definite matrix; rounding-level eigenvalues are zeroed."""
     w, v = np.linalg.eigh((s + s.T) / 2)
-    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    return (v * np.sqrt(_rank_clip(w))) @ v.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
@@ -132,8 +140,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = np.asarray(sigma1, dtype=np.float64), np.asarray(sigma2, dtype=np.float64)
     r1 = _sqrt_psd(s1)
     m = r1 @ s2 @ r1
-    w = np.linalg.eigvalsh((m + m.T) / 2)
-    tr_sqrt = np.sqrt(np.clip(w, 0.0, None)).sum()
+    tr_sqrt = np.sqrt(_rank_clip(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     d = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2.0 * tr_sqrt)
     return max(d, 0.0)
 
