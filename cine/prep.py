@@ -328,19 +328,24 @@ def load_prepared(path) -> Prepared:
 def prepare_refs(refs, grid, cache_dir=None, skip_bad=False, progress=True, half=False) -> list:
     """Load and prepare each SubjectRef through the cache <cache_dir>/prep/<key>.npz; skipped ones go to stderr.
     half: keep each image as float16, as it is loaded (exact: the cache holds float16; half the memory)."""
+    return list(iter_prepared(refs, grid, cache_dir, skip_bad, progress, half))
+
+
+def iter_prepared(refs, grid, cache_dir=None, skip_bad=False, progress=True, half=False, desc="preparing"):
+    """prepare_refs one subject at a time: a caller that keeps only what it derives from each image
+    (the encoder's latents) holds one image in memory, not the whole data set."""
     folder = Path(cache_dir or default_cache_dir()) / "prep"
-    out = []
-    for ref in tqdm(refs, desc="preparing", unit="subject", file=sys.stderr, disable=not progress):
+    for ref in tqdm(refs, desc=desc, unit="subject", file=sys.stderr, disable=not progress):
         try:
             p = _prepare_cached(ref, grid, folder)
-            if half:
-                p.image = p.image.astype(np.float16)
-            out.append(p)
         except DataError as e:
             if not skip_bad:
                 raise
             tqdm.write(f"skipped {e}", file=sys.stderr)
-    return out
+            continue
+        if half:
+            p.image = p.image.astype(np.float16)
+        yield p
 
 
 def _prepare_cached(ref, grid, folder: Path) -> Prepared:

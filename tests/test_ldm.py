@@ -134,6 +134,37 @@ def test_latent_cache_is_per_subject(tiny_phantom, tiny_weights, tmp_path):
     assert all(np.array_equal(a.z, b.z) for a, b in zip(again, fresh))
 
 
+def test_encoding_streams_and_skips_bad_subjects(tiny_phantom, tiny_weights, tmp_path, monkeypatch):
+    """Encoding holds one prepared image at a time (no image outlives its latent); a broken subject is
+    named in the error, or skipped with skip_bad and the others encoded."""
+    import gc
+    import weakref
+    from synth4d.cine import DataError
+    from synth4d.cine import prep
+    from synth4d.jobs.encode import encode_dataset
+    alive, most = [], [0]
+    real = prep._prepare_cached
+
+    def tracked(*args):
+        p = real(*args)
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        alive.append(weakref.ref(p.image))
+        return p
+    monkeypatch.setattr(prep, "_prepare_cached", tracked)
+    vae = tiny_weights / "vae.safetensors"
+    subjects, _ = encode_dataset(tiny_phantom, vae, cache=tmp_path / "c")
+    assert len(subjects) == len(alive) == 6 and most[0] <= 1
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_phantom, broken)
+    victim = next(sorted(p for p in broken.iterdir() if p.is_dir())[2].glob("*_4d.nii.gz"))
+    victim.write_bytes(b"not a NIfTI file")
+    with pytest.raises(DataError, match=victim.name):
+        encode_dataset(broken, vae, cache=tmp_path / "c")
+    kept, _ = encode_dataset(broken, vae, cache=tmp_path / "c", skip_bad=True)
+    assert len(kept) == 5 and victim.parent.name not in {s.id for s in kept}
+
+
 def test_runs_of_removed_options_are_refused_on_resume(tiny_phantom, tiny_weights, tmp_path):
     """The loss weighting is min_snr_v, recorded in the checkpoint; a run recorded with a weighting or the temporal
     layer that were measured and removed cannot be resumed with this code, and the error names the commit that can."""
