@@ -301,7 +301,7 @@ def _prior_options(f):
 @DEVICE
 @PRECISION
 @click.option("--layout", type=click.Choice(("flat", "acdc")), default="flat", show_default=True,
-              help="flat: OUT/subj_NNN_image.nii.gz + _mask; acdc: a data set the loader reads back.")
+              help="flat: OUT/synth_NNNN.nii.gz + synth_NNNN_mask.nii.gz; acdc: a data set the loader reads back.")
 @click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="Index of the first subject (regenerate one alone).")
 @click.option("--prefix", default=None,
               help="Subject names: PREFIX + number [synth_ (flat), patient (acdc)], e.g. synthHCM_ to sit beside a real set.")
