@@ -19,7 +19,7 @@ FAST = ["--frames", "4", "--steps", "2"]
 
 @pytest.fixture(scope="module")
 def model_like(tmp_path_factory):
-    """A phantom subject at about the cpu preset's 2.2 mm, standing in for a generated one."""
+    """A phantom subject on a 96 matrix (about 2.2 mm, the first cpu grid's spacing), standing in for a generated one."""
     root = tmp_path_factory.mktemp("fine")
     list(write_phantom(root, n=1, seed=3, frames=4, matrix=96, progress=False))
     return scan(root).refs[0].load()

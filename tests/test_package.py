@@ -1,5 +1,6 @@
 """The installed package: only synth4d names in site-packages, the console module and the Python API of the
 README working from a folder that has its own train.py and nets.py (which would shadow generic package names)."""
+import json
 import re
 import shutil
 import subprocess
@@ -81,5 +82,14 @@ def test_readme_python_api_from_a_folder_with_its_own_train_py(installed):
     assert done.returncode == 0, done.stderr
     image, mask, spacing, lvedv = re.fullmatch(r"(\(.*?\)) (\(.*?\)) (\(.*?\)) (\S+)\n", done.stdout).groups()
     image, mask, spacing = eval(image), eval(mask), eval(spacing)
-    assert image == mask and len(image) == 4 and image[:2] == (64, 64) and image[3] == 30 and 1 <= image[2] <= 12
-    assert spacing[:2] == (2.2, 2.2) and 4 <= spacing[2] <= 12 and 50 < float(lvedv) < 400
+    grid = shipped_grid()
+    n, mm = grid["size"], grid["spacing"]
+    assert image == mask and len(image) == 4 and image[:2] == (n, n) and image[3] == 30 and 1 <= image[2] <= grid["slices"]
+    assert spacing[:2] == (mm, mm) and 4 <= spacing[2] <= 12 and 50 < float(lvedv) < 400
+
+
+def shipped_grid() -> dict:
+    """The grid the shipped VAE records in its metadata: generated subjects come out on it."""
+    from safetensors import safe_open
+    with safe_open(str(ROOT / "weights" / "vae.safetensors"), "np") as f:
+        return json.loads(f.metadata()["grid"])
