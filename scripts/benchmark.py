@@ -121,7 +121,7 @@ def train_steps_per_s(p, vae, static, motion):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--weights", default=None, help="a weights folder (default: random networks of the cpu preset)")
     ap.add_argument("--frames", type=int, default=30)
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps of the reference setting and of the paper ratio")

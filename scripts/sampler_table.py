@@ -80,7 +80,7 @@ def within_noise(results: dict, reference: str, repeat: str) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("real", type=Path)
     ap.add_argument("runs", type=Path)
     ap.add_argument("--n", type=int, default=100)
