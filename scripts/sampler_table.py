@@ -4,7 +4,8 @@ against a real one, print one table (the model card's "Sampler" section).
 `python scripts/sampler_table.py REAL RUNS [--n 100] [--jobs 2] [--weights DIR] [--settings ...]` writes
 RUNS/<setting>/ (the generated set, its eval.json and seconds.json) and prints the table; rerun it to
 resume (generate skips complete subjects, an existing eval.json is kept). Each setting is
-sampler:steps:keyframes:seed. Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
+sampler:steps:keyframes:seed[:precision] (precision as `generate --precision`, auto
+if not given). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
 everything else drawn from the prior; the same seed draws the same requests, so settings with one seed
 are paired, and two seeds of one setting measure the run-to-run noise. It prints figures and asserts
 nothing. Generation runs as `jobs` CLI processes with one thread each, side by side.
@@ -26,7 +27,7 @@ MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
 
 
 def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights) -> dict:
-    sampler, steps, keyframes, seed = setting.split(":")
+    sampler, steps, keyframes, seed, *precision = setting.split(":")
     out.mkdir(parents=True, exist_ok=True)
     seconds = out / "seconds.json"
     if not seconds.exists():
@@ -39,7 +40,8 @@ def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights)
             csv = out / f"requests_{j}.csv"
             csv.write_text("dx\n" + "".join(f"{DIAGNOSES[i % len(DIAGNOSES)]}\n" for i in rows))
             cmd = [sys.executable, "-m", "synth4d", "generate", str(out), "--conditions", str(csv), "--start",
-                   str(rows[0]), "--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed]
+                   str(rows[0]), "--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed,
+                   "--precision", precision[0] if precision else "auto"]
             cmd += ["--weights", str(weights)] if weights else []
             procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL))
         if any(p.wait() for p in procs):
@@ -93,14 +95,14 @@ def main():
         results[setting] = run_setting(args.real, args.runs / setting.replace(":", "_"), setting, args.n, args.jobs,
                                        args.weights)
         print(f"done {setting}", file=sys.stderr)
-    head = ["sampler:steps:keyframes:seed"] + [f"{k} r / MAE" for k in MEASURES] + [
+    head = ["sampler:steps:keyframes:seed[:precision]"] + [f"{k} r / MAE" for k in MEASURES] + [
         "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "s / subject (machine)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for setting, r in results.items():
         print(row(setting, r))
     reference, repeat = args.settings[:2]
-    if reference.split(":")[:3] == repeat.split(":")[:3]:
+    if reference.split(":")[:3] == repeat.split(":")[:3] and reference.split(":")[4:] == repeat.split(":")[4:]:
         print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of {reference}:")
         for setting, outside in within_noise(results, reference, repeat).items():
             print(f"  {setting}: {', '.join(outside) if outside else 'none'}")
