@@ -181,7 +181,7 @@ def main():
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
 
-    precisions = ("fp32", "bf16") if native_bf16_cpu() else ("fp32",)
+    precisions = ("fp32", "bf16") if native else ("fp32",)
     all_costs = {}
     for precision in precisions:
         set_precision(precision)
