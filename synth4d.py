@@ -405,6 +405,8 @@ def evaluate(real, generated, **kw):
 
 def main():
     """Console entry point: user errors become one line on stderr and exit status 1."""
+    from synth4d.nets.memory import keep_freed_memory
+    keep_freed_memory()
     try:
         cli(standalone_mode=False)
     except click.exceptions.Abort:

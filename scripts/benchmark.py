@@ -1,5 +1,5 @@
-"""Benchmark: generation time by stage for DDIM in fp32 (the reference), the default and other settings (and their
-ratios), peak memory, training steps/s and FLOP efficiency in fp32 and bf16, paper preset.
+"""Benchmark: generation time by stage for `--sampler ddim --steps 25` (the reference), the default and other
+settings (and their ratios to the reference), peak memory, training steps/s and FLOP efficiency in fp32 and bf16, paper preset.
 
 Run `python scripts/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
 asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from synth4d.nets.config import get_preset
 from synth4d.nets.device import autocast, native_bf16_cpu, set_precision, uses_bf16
 from synth4d.nets.diffusion import make_schedule
+from synth4d.nets.memory import keep_freed_memory
 from synth4d.nets.pipeline import Generator4D
 from synth4d.nets.unet import UNet
 from synth4d.nets.vae import VAE
@@ -70,8 +71,9 @@ def networks(preset, weights=None):
 
 
 @torch.no_grad()
-def forward_costs(p, vae, static, motion, frames):
-    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses (vae None: denoisers only)."""
+def forward_costs(p, vae, static, motion, frames, decode_batch):
+    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses (vae None: denoisers
+    only; the decoder at `decode_batch` frames, Generator4D's)."""
     C, X, Y, Z = p.latent_shape()
     out = {}
     for name, net, batch in (("static", static, 2), ("motion", motion, 2 * frames)):
@@ -83,8 +85,9 @@ def forward_costs(p, vae, static, motion, frames):
         out[name] = (flops(call), median_time(lambda: _autocast(call), repeats=3), batch)
     if vae is None:
         return out
-    z = torch.randn(8, C, X, Y, Z).to(memory_format=CL)
-    out["decoder"] = (flops(lambda: vae.decode(z)), median_time(lambda: _autocast(lambda: vae.decode(z)), repeats=3), 8)
+    z = torch.randn(decode_batch, C, X, Y, Z).to(memory_format=CL)
+    out["decoder"] = (flops(lambda: vae.decode(z)), median_time(lambda: _autocast(lambda: vae.decode(z)), repeats=3),
+                      decode_batch)
     return out
 
 
@@ -129,12 +132,16 @@ def main():
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
     ap.add_argument("--compare", nargs="*", default=["dpmpp_2m:15:12:fp32", "dpmpp_2m:15:12:auto",
                                                      "dpmpp_2m:10:12:auto"],
-                    help="sampler:steps:keyframes:precision settings timed beside DDIM in fp32 (the reference) "
+                    help="sampler:steps:keyframes:precision settings timed beside DDIM (the reference, precision auto) "
                          "and the default, with their ratio to the reference")
     ap.add_argument("--skip-paper", action="store_true")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (the CLI raises its mmap threshold: nets/memory.py)")
     args = ap.parse_args()
+    kept = False if args.glibc_malloc else keep_freed_memory()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; freed memory kept for reuse "
+          f"(nets/memory.py, as the CLI does): {kept}")
     peak_gflops = matmul_gflops()
     native = native_bf16_cpu()
     # without native bf16 the bf16 matmul is emulated (under 1 GFLOP/s: minutes for one 2048^3 product)
@@ -151,7 +158,7 @@ def main():
                         norm(motion.cfg), p.grid, {})
     values = {"dx": static.cfg.dx_vocab[0], **{k: 0.0 for k in static.cfg.scalars + motion.cfg.scalars}}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reference = ("ddim", args.steps, args.keyframes, "fp32")
+    reference = ("ddim", args.steps, args.keyframes, "auto")   # what `generate --sampler ddim --steps 25` runs
     default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], args.keyframes, "auto")
     settings = list(dict.fromkeys([reference, default] + [(s, int(n), int(k), pr) for s, n, k, pr in
                                                           (c.split(":") for c in args.compare)]))
@@ -186,7 +193,7 @@ def main():
     for precision in precisions:
         set_precision(precision)
         print(f"\nFLOP efficiency in {precision} (one forward at the generation loop's batch; % of the fp32 matmul):")
-        costs = all_costs[precision] = forward_costs(p, vae, static, motion, args.frames)
+        costs = all_costs[precision] = forward_costs(p, vae, static, motion, args.frames, chain.decode_batch)
         for name, (f, sec, batch) in costs.items():
             rate = f / sec / 1e9
             print(f"  {name:<8} batch {batch:3d}: {f / 1e9:8.1f} GFLOP in {sec:6.3f} s = {rate:6.1f} GFLOP/s "
@@ -201,8 +208,7 @@ def main():
 
     if not args.skip_paper:
         pp, _, pstatic, pmotion = networks("paper")
-        pc = forward_costs(pp, None, pstatic.to(memory_format=CL),
-                           pmotion.to(memory_format=CL), 2)
+        pc = forward_costs(pp, None, pstatic.to(memory_format=CL), pmotion.to(memory_format=CL), 2, None)
         f_static, t_static, _ = pc["static"]          # batch 2 = one subject with guidance
         f_motion, t_motion, _ = pc["motion"]          # batch 4 = two frames with guidance
         implied = args.steps * (t_static + t_motion / 2 * args.frames)

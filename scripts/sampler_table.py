@@ -24,6 +24,7 @@ DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")
 SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:20:12:0", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:0",
             "dpmpp_2m:8:12:0", "dpmpp_2m:10:8:0")
 MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
+STRUCTURES = ("RV", "MYO", "LV")
 
 
 def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights) -> dict:
@@ -50,7 +51,7 @@ def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights)
     report = out / "eval.json"
     if not report.exists():
         cmd = [sys.executable, "-m", "synth4d", "eval", str(real), str(out), "--fvd", "--control", "--coherence",
-               "--json"] + (["--weights", str(weights)] if weights else [])
+               "--realism", "--json"] + (["--weights", str(weights)] if weights else [])
         result = subprocess.run(cmd, capture_output=True, text=True, check=True)
         report.write_text(result.stdout)
     return {**json.loads(report.read_text()), "timing": json.loads(seconds.read_text())}
@@ -60,14 +61,17 @@ def figures(r: dict) -> dict:
     """The figures the table compares, by name."""
     c, g = r["control"], r["coherence"]["generated"]
     out = {f"{k} {m}": c["priors"][k][m] for k in MEASURES for m in ("r", "mae")}
+    gen = r["realism"]["rows"]["generated"]
+    out.update({f"realism {s}": v for s, v in gen["realism"].items()})
     return {**out, "diagnosis": c["diagnosis"]["rate"], "fvd_vae": r["fvd_vae"]["value"],
-            "image change": g["image_change"], "ES phase sd": g["es_phase_sd"]}
+            "image change": g["image_change"], "ES phase sd": g["es_phase_sd"], "sharpness": gen["sharpness"]}
 
 
 def row(setting: str, r: dict) -> str:
     f, t = figures(r), r["timing"]
     cells = [f"{f[k + ' r']:.3f} / {f[k + ' mae']:.1f}" for k in MEASURES]
     cells += [f"{f['diagnosis']:.2f}", f"{f['fvd_vae']:.2f}", f"{f['image change']:.4f}", f"{f['ES phase sd']:.3f}",
+              " / ".join(f"{f['realism ' + k]:.3f}" for k in STRUCTURES), f"{f['sharpness']:.2f}",
               f"{t['seconds'] / t['subjects']:.2f}"]
     return f"| {setting} | " + " | ".join(cells) + " |"
 
@@ -96,7 +100,8 @@ def main():
                                        args.weights)
         print(f"done {setting}", file=sys.stderr)
     head = ["sampler:steps:keyframes:seed[:precision]"] + [f"{k} r / MAE" for k in MEASURES] + [
-        "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "s / subject (machine)"]
+        "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "realism " + " / ".join(STRUCTURES), "sharpness",
+        "s / subject (machine)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for setting, r in results.items():

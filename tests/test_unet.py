@@ -4,7 +4,7 @@ import dataclasses
 import torch
 
 from synth4d.nets.config import UNetConfig
-from synth4d.nets.layers import Attention, Downsample, ResBlock, Upsample
+from synth4d.nets.layers import Attention, Downsample, Pointwise, ResBlock, Upsample
 from synth4d.nets.conditions import null_conditions
 from synth4d.nets.unet import UNet
 
@@ -43,6 +43,23 @@ def test_layers_shapes_and_identity_at_init():
     assert Upsample(8, (2, 2, 2))(x).shape == (2, 8, 10, 12, 6)
     assert torch.equal(Attention(8, 2)(x), x)
     assert torch.equal(ResBlock(8, 8)(x), x)
+
+
+def test_pointwise_equals_a_1x1x1_conv_and_keeps_the_channels_last_layout():
+    torch.manual_seed(0)
+    conv, point = torch.nn.Conv3d(6, 5, 1), Pointwise(6, 5)
+    point.load_state_dict(conv.state_dict())                 # the same parameters, so old checkpoints load
+    assert point.state_dict().keys() == conv.state_dict().keys()
+    x = torch.randn(2, 6, 5, 7, 3)
+    for layout in (torch.contiguous_format, torch.channels_last_3d):
+        xl = x.to(memory_format=layout).requires_grad_()
+        y = point(xl)
+        torch.testing.assert_close(y, conv(x), rtol=1e-5, atol=1e-6)
+        assert y.is_contiguous(memory_format=layout)
+        y.square().sum().backward()
+        (gw,) = torch.autograd.grad(conv(x).square().sum(), conv.weight)
+        torch.testing.assert_close(point.weight.grad, gw, rtol=1e-4, atol=1e-5)
+        point.zero_grad()
 
 
 def test_output_shape_matches_odd_input():
