@@ -1,5 +1,6 @@
 """Benchmark: generation time by stage for `--sampler ddim --steps 25` (the reference), the default and other
-settings (and their ratios to the reference), peak memory, training steps/s and FLOP efficiency in fp32 and bf16, paper preset.
+settings (and their ratios to the reference), peak memory, training steps/s and FLOP efficiency in fp32 and
+bf16, paper preset.
 
 Run `python scripts/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
 asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
@@ -49,6 +50,17 @@ def flops(fn) -> float:
 def matmul_gflops(n=2048, dtype=torch.float32) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / median_time(lambda: a @ b, repeats=10) / 1e9
+
+
+@torch.no_grad()
+def conv_gflops(dtype=torch.float32) -> float:
+    """A dense 3x3x3 convolution, 64 -> 64 channels on 32 x 32 x 16 x 2, channels-last: what oneDNN attains on
+    the layers the networks are made of. On AMD CPUs MKL's matmul (the other baseline) does not use AVX-512,
+    so there the networks' convolutions run faster than it."""
+    x = torch.randn(2, 64, 32, 32, 16).to(memory_format=CL)
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1).to(memory_format=CL)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        return flops(lambda: conv(x)) / median_time(lambda: conv(x), repeats=5) / 1e9
 
 
 def cond_for(cfg, batch):
@@ -146,6 +158,10 @@ def main():
     native = native_bf16_cpu()
     # without native bf16 the bf16 matmul is emulated (under 1 GFLOP/s: minutes for one 2048^3 product)
     bf16 = f"{matmul_gflops(dtype=torch.bfloat16):.1f} GFLOP/s" if native else "not measured (emulated)"
+    conv_rate = {"fp32": conv_gflops()}
+    if native:
+        conv_rate["bf16"] = conv_gflops(torch.bfloat16)
+    print("dense conv3d (64 ch, 3x3x3, oneDNN): " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in conv_rate.items()))
     print(f"fp32 matmul (2048^3): {peak_gflops:.1f} GFLOP/s; bf16: {bf16}; native bf16 on this CPU: {native} "
           f"(--precision auto computes in {'bf16' if native else 'fp32'})")
 
@@ -192,12 +208,13 @@ def main():
     all_costs = {}
     for precision in precisions:
         set_precision(precision)
-        print(f"\nFLOP efficiency in {precision} (one forward at the generation loop's batch; % of the fp32 matmul):")
+        print(f"\nFLOP efficiency in {precision} (one forward at the generation loop's batch; % of the fp32 matmul; "
+              f"% of the dense conv3d in {precision}):")
         costs = all_costs[precision] = forward_costs(p, vae, static, motion, args.frames, chain.decode_batch)
         for name, (f, sec, batch) in costs.items():
             rate = f / sec / 1e9
             print(f"  {name:<8} batch {batch:3d}: {f / 1e9:8.1f} GFLOP in {sec:6.3f} s = {rate:6.1f} GFLOP/s "
-                  f"({100 * rate / peak_gflops:.0f}% of matmul)")
+                  f"({100 * rate / peak_gflops:.0f}% of matmul, {100 * rate / conv_rate[precision]:.0f}% of conv3d)")
     for precision in precisions:
         set_precision(precision)
         print(f"\ntraining steps/s at the cpu preset's default batch sizes, {precision}:")
