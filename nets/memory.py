@@ -16,7 +16,7 @@ def keep_freed_memory() -> bool:
     first touch: in the VAE decoder's full-resolution layers (8 frames x 12 channels x 96 x 96 x 12 in
     fp32 = 42 MB per activation) the kernel's page faulting (system time) took more than the convolutions.
     Raising the mmap and trim thresholds (mallopt, as the MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
-    environment variables would at start-up) halved the fp32 decoding time on a 2-core AMD EPYC
+    environment variables would at start-up) cut the fp32 decoding time by 30-50 % on a 2-core AMD EPYC
     (weights/EXPERIMENTS.md). Freed memory then stays with the process up to 2 GB, so its resident size
     is its peak. A no-op returning False off glibc (macOS, Windows, musl) or where mallopt refuses.
     """

@@ -94,6 +94,9 @@ def main():
         es = lv_minimum(p.full_mask[:, :, :n])
         rows["real"].append(parts(cycle, region, p.ed, es))
         rows["decoded real"].append(parts(decoded[:, :, :n], region, p.ed, es))
+    if not rows["real"]:
+        raise SystemExit(f"{args.real}: no subject with a full-cycle mask (the phantom's *_4d_gt), which the "
+                         "heart region and ES come from")
     for s in scan(args.generated).load_each("generated"):
         if len(rows["generated"]) == args.n:
             break

@@ -100,8 +100,8 @@ def main():
                                        args.weights)
         print(f"done {setting}", file=sys.stderr)
     head = ["sampler:steps:keyframes:seed[:precision]"] + [f"{k} r / MAE" for k in MEASURES] + [
-        "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "realism " + " / ".join(STRUCTURES), "sharpness",
-        "s / subject (machine)"]
+        "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "realism " + " / ".join(STRUCTURES),
+        "sharpness", "s / subject (machine)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for setting, r in results.items():
