@@ -125,16 +125,17 @@ def _guided(model_fn, x, t, guidance, cond, uncond):
 
 @torch.no_grad()
 def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, guidance: float = 1.0,
-                cond=None, uncond=None, pred: str = "v") -> torch.Tensor:
+                cond=None, uncond=None, pred: str = "v", timesteps=None) -> torch.Tensor:
     """Deterministic DDIM (Song et al. Eq. 12, eta = 0) from caller-supplied noise x_T to x0, with
     classifier-free guidance.
 
     model_fn(x_t, t, cond) -> eps or v (per `pred`); t is (B,) long. guidance == 1 runs the conditional
-    branch only; otherwise cond and uncond go through ONE batched forward.
+    branch only; otherwise cond and uncond go through ONE batched forward. timesteps: another descending step
+    grid than ddim_timesteps(sched, steps) (diagnostics compare grids).
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
-    timesteps = ddim_timesteps(sched, steps)
+    timesteps = ddim_timesteps(sched, steps) if timesteps is None else list(timesteps)
     x = x_T
     B = x.shape[0]
     for i, step in enumerate(timesteps):
@@ -153,18 +154,18 @@ def half_log_snr(abar: float) -> float:
 
 @torch.no_grad()
 def dpmpp_2m_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 15, guidance: float = 1.0,
-                    cond=None, uncond=None, pred: str = "v") -> torch.Tensor:
+                    cond=None, uncond=None, pred: str = "v", timesteps=None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): a second-order multistep solver of the probability-flow
     ODE in the data-prediction parameterisation, for guided sampling in few steps.
 
-    Same signature, timesteps (trailing, ddim_timesteps) and guidance as ddim_sample. Each step turns the
+    Same signature, timesteps (trailing, ddim_timesteps, unless given) and guidance as ddim_sample. Each step turns the
     guided output into x0_pred; the first step is first order (it equals a DDIM step), the others combine the
     last two x0 predictions, and the last step lands on the clean sample (sigma = 0), where the update is
     x0_pred itself.
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
-    timesteps = ddim_timesteps(sched, steps)
+    timesteps = ddim_timesteps(sched, steps) if timesteps is None else list(timesteps)
     x = x_T
     B = x.shape[0]
     x0_last, h_last = None, None

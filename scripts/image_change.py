@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from synth4d.cine.datasets import scan
+from synth4d.cine.measures import volume_curve
 from synth4d.cine.prep import prepare_subject
 from synth4d.jobs.evaluate import full_cycle_mask
 from synth4d.nets.pipeline import reconstruct
@@ -65,9 +66,9 @@ def parts(cycle: np.ndarray, region: np.ndarray, ed: int, es: int) -> dict:
             "outside": step[~region].sum(dtype=np.float64) / n}
 
 
-def lv_minimum(labels: np.ndarray) -> int:
-    """The frame of labels (X, Y, Z, T) with the fewest LV voxels: ES."""
-    return int(np.argmin((labels == 3).sum(axis=(0, 1, 2))))
+def lv_minimum(labels: np.ndarray, spacing) -> int:
+    """ES: the frame of labels (X, Y, Z, T) with the smallest LV volume (as `eval --control` finds it)."""
+    return int(np.argmin(volume_curve(labels, spacing)["lv"]))
 
 
 def main():
@@ -88,11 +89,11 @@ def main():
         if p.full_mask is None:
             continue
         n = p.n_slices
-        region = heart_region(p.full_mask[:, :, :n], grid.spacing)
-        cycle = p.image[:, :, :n]
+        labels = p.full_mask[:, :, :n]
+        region = heart_region(labels, grid.spacing)
         decoded, _ = reconstruct(vae, p.image, "cpu")
-        es = lv_minimum(p.full_mask[:, :, :n])
-        rows["real"].append(parts(cycle, region, p.ed, es))
+        es = lv_minimum(labels, p.spacing)
+        rows["real"].append(parts(p.image[:, :, :n], region, p.ed, es))
         rows["decoded real"].append(parts(decoded[:, :, :n], region, p.ed, es))
     if not rows["real"]:
         raise SystemExit(f"{args.real}: no subject with a full-cycle mask (the phantom's *_4d_gt), which the "
@@ -103,9 +104,12 @@ def main():
         p = prepare_subject(s, grid)
         n = p.n_slices
         labels = full_cycle_mask(s, generated=True)
-        labels = prepare_labels(labels, p)
+        if labels.shape[:2] != p.image.shape[:2]:
+            raise SystemExit(f"{s.path}: generated labels are not on the VAE grid; this diagnostic expects "
+                             "`generate`'s output")
+        labels = labels[:, :, :n]
         region = heart_region(labels, grid.spacing)
-        rows["generated"].append(parts(p.image[:, :, :n], region, 0, lv_minimum(labels)))
+        rows["generated"].append(parts(p.image[:, :, :n], region, 0, lv_minimum(labels, p.spacing)))
     keys = ("all", "smooth", "heart", "outside", "ED-ES", "ED-ES smooth")
     print(f"image change / frame on the VAE grid ({grid.size} x {grid.size} at {grid.spacing:g} mm); smooth: "
           f"Gaussian sigma {SIGMA_PX:g} px; heart: labelled in some frame + {MARGIN_MM:g} mm")
@@ -119,14 +123,6 @@ def main():
     g, d = means["generated"], means["decoded real"]
     print("generated / decoded real: " + ", ".join(f"{k} {g[k] / d[k]:.2f}" for k in keys)
           + f", rough {(g['all'] - g['smooth']) / (d['all'] - d['smooth']):.2f}")
-
-
-def prepare_labels(labels: np.ndarray, p) -> np.ndarray:
-    """A generated subject's labels on its prepared grid: generated files are written on the VAE grid."""
-    n = p.n_slices
-    if labels.shape[:2] != p.image.shape[:2]:
-        raise SystemExit("generated labels are not on the VAE grid; this diagnostic expects `generate`'s output")
-    return labels[:, :, :n]
 
 
 if __name__ == "__main__":

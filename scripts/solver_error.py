@@ -28,7 +28,7 @@ from synth4d.weights.checkpoint import load_chain
 def log_snr_grid(sched, steps: int, t_end: int = 5) -> list[int]:
     """t = T - 1 first, then steps - 1 timesteps uniform in log-SNR from the trailing grid's second one to t_end.
     (Uniform from T - 1 itself would crowd the grid near T: log-SNR falls to -10 at the zero-SNR end.)"""
-    lam = 0.5 * (sched.alphas_cumprod.double().log() - (-sched.alphas_cumprod.double()).log1p()).numpy()
+    lam = np.array([diffusion.half_log_snr(float(a)) for a in sched.alphas_cumprod])
     t1 = round(sched.n_steps - sched.n_steps / steps) - 1
     return [sched.n_steps - 1] + [int(np.argmin(np.abs(lam - v))) for v in np.linspace(lam[t1], lam[t_end], steps - 1)]
 
@@ -41,18 +41,15 @@ def main():
     args = ap.parse_args()
     keep_freed_memory()
     chain = load_chain(args.weights, "cpu")
-    sched, trailing = chain.sched, diffusion.ddim_timesteps
+    sched = chain.sched
+
+    def model_fn(x, t, c):
+        with autocast("cpu"):
+            return chain.static(x, t, c).float()
 
     def sample(sampler, steps, grid, cond, uncond, x_T):
-        def model_fn(x, t, c):
-            with autocast("cpu"):
-                return chain.static(x, t, c).float()
-        diffusion.ddim_timesteps = (lambda s, n: grid) if grid is not None else trailing
-        try:
-            return diffusion.SAMPLERS[sampler](model_fn, x_T, sched, steps=steps, guidance=2.0, cond=cond,
-                                               uncond=uncond, pred=chain.pred)
-        finally:
-            diffusion.ddim_timesteps = trailing
+        return diffusion.SAMPLERS[sampler](model_fn, x_T, sched, steps=steps, guidance=2.0, cond=cond,
+                                           uncond=uncond, pred=chain.pred, timesteps=grid)
 
     settings = {f"DDIM {n}": ("ddim", n, None) for n in (10, 15, 25, 50)}
     for n in (8, 10, 15):

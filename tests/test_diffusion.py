@@ -194,3 +194,14 @@ def test_dpmpp_2m_starts_with_a_ddim_step():
     model = gaussian_denoiser(MU.double(), STD.double(), sched, "v")
     torch.testing.assert_close(dpmpp_2m_sample(model, x_T, sched, steps=2), ddim_sample(model, x_T, sched, steps=2))
     assert not torch.allclose(dpmpp_2m_sample(model, x_T, sched, steps=3), ddim_sample(model, x_T, sched, steps=3))
+
+
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp_2m_sample], ids=["ddim", "dpmpp_2m"])
+def test_a_given_step_grid_replaces_the_trailing_one(sampler):
+    sched = make_schedule("cosine")
+    x_T = torch.randn(50, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    model = gaussian_denoiser(MU.double(), STD.double(), sched, "v")
+    torch.testing.assert_close(sampler(model, x_T, sched, steps=6, timesteps=ddim_timesteps(sched, 6)),
+                               sampler(model, x_T, sched, steps=6))
+    other = sampler(model, x_T, sched, steps=6, timesteps=[999, 700, 400, 200, 80, 10])
+    assert not torch.allclose(other, sampler(model, x_T, sched, steps=6))
