@@ -29,7 +29,7 @@ from synth4d.cine.grid import explicit as grid_explicit
 from synth4d.cine.grid import like as grid_like
 from synth4d.cine.measures import MEASURES
 from synth4d.cine.nifti import Geometry, write
-from synth4d.jobs.synthesize import DEFAULT_SAMPLER, Sampling, Synthetic, load, manifest_row, subject_seed
+from synth4d.jobs.synthesize import Sampling, Synthetic, load, manifest_row, subject_seed
 from synth4d.weights.checkpoint import weights_identity
 
 try:
@@ -121,9 +121,10 @@ def _names(i, layout, prefix=None):
     return sid, Path(f"{sid}.nii.gz"), Path(f"{sid}_mask.nii.gz"), Path(f"{sid}.json")
 
 
-def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=DEFAULT_SAMPLER, steps=None,
-             guidance=2.0, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
-             prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, shard=None, **given):
+def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=None, steps=None,
+             guidance=None, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
+             prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, shard=None,
+             motion_sampler=None, motion_steps=None, motion_guidance=None, **given):
     """Generate subjects start .. start + n - 1 into `out` (only shard K of N of them with shard="K/N");
     yields one manifest row (dict) per subject."""
     out = Path(out)
@@ -142,7 +143,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
                 raise
             raise DataError(conditions, f"line {line}: {e}") from None
         requests.append(req)
-    sampling = Sampling(sampler, steps, guidance, keyframes)
+    sampling = Sampling(sampler, steps, guidance, keyframes, motion_sampler, motion_steps, motion_guidance)
     _check_output(out)
     identity = weights_identity(weights)
 
@@ -210,7 +211,10 @@ def shard_range(shard, n: int) -> tuple:
 def _request_id(req, sampling, identity, seed, index, labels="acdc", output: OutputGrid = OutputGrid()) -> str:
     """A digest of everything that makes subject `index`: the request, the sampling, the weights, the seed
     (and the label order and output grid, when not the defaults)."""
-    parts = [req, dataclasses.asdict(sampling), identity, seed, index] + ([labels] if labels != "acdc" else [])
+    how = dataclasses.asdict(sampling)
+    if sampling.shared():   # both models alike: the digest manifests had before the motion model's own settings
+        del how["motion_sampler"], how["motion_steps"], how["motion_guidance"]
+    parts = [req, how, identity, seed, index] + ([labels] if labels != "acdc" else [])
     parts += [output.describe()] if output != OutputGrid() else []
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -232,7 +236,8 @@ def sidecar(row: dict, subject: Synthetic, labels: str) -> dict:
     return {"synthetic": True, "generator": f"synth4d {__version__}", "id": row["id"], "dx": row["dx"] or None,
             **measures, "given": [k for k in MEASURES if row[f"given_{k}"]],
             "seed": row["seed"], "attempts": row["attempts"], "plausible": row["plausible"],
-            "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "keyframes", "precision")},
+            "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "motion_sampler", "motion_steps",
+                                             "motion_guidance", "keyframes", "precision")},
             "weights": row["weights"], "request": row["request"],
             "frames": row["frames"], "ed": row["ed"], "es": row["es"],
             "spacing_mm": list(subject.geometry.spacing), "frame_ms": subject.geometry.frame_ms,
@@ -282,8 +287,8 @@ def _preview(out, image_rel: Path, subject: Synthetic) -> Path:
     return image_rel.parent / name
 
 
-INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
-FLOAT_COLUMNS = {"slice_mm", "guidance", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
+INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "motion_steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
+FLOAT_COLUMNS = {"slice_mm", "guidance", "motion_guidance", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
 
 
 def _typed(row: dict) -> dict:

@@ -34,25 +34,60 @@ MAX_FRAMES = 200
 
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = {"ddim": 25, "dpmpp_2m": 15}   # per sampler, when steps are not given
+DEFAULT_GUIDANCE = 2.0
+DEFAULT_MOTION = ("dpmpp_2m", 8, 2.0)   # (sampler, steps, guidance) of the motion model when none of the three is given
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the chain samples: the sampler (nets.diffusion.SAMPLERS), its steps per model (None: the sampler's
-    default), the guidance scale and the motion keyframes (0: every frame)."""
+    """How the chain samples: the sampler (nets.diffusion.SAMPLERS), its steps and the classifier-free guidance
+    scale, and the motion keyframes (0: every frame). A given sampler, steps or guidance apply to both models
+    unless motion_sampler / motion_steps / motion_guidance say otherwise; with none of the three given, the
+    static model runs DEFAULT_SAMPLER, DEFAULT_STEPS and DEFAULT_GUIDANCE and the motion model DEFAULT_MOTION.
+    None means "the default"; the fields hold the resolved values after construction."""
 
-    sampler: str = DEFAULT_SAMPLER
+    sampler: str | None = None
     steps: int | None = None
-    guidance: float = 2.0
+    guidance: float | None = None
     keyframes: int = 12
+    motion_sampler: str | None = None
+    motion_steps: int | None = None
+    motion_guidance: float | None = None
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler {self.sampler!r}; choose {', '.join(SAMPLERS)}")
-        if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS[self.sampler])
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise UserError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        for name in (self.sampler, self.motion_sampler):
+            if name is not None and name not in SAMPLERS:
+                raise UserError(f"unknown sampler {name!r}; choose {', '.join(SAMPLERS)}")
+        for steps in (self.steps, self.motion_steps):
+            if steps is not None and not 1 <= steps <= 1000:
+                raise UserError(f"steps must be between 1 and 1000, got {steps}")
+        for g in (self.guidance, self.motion_guidance):
+            if g is not None and not (math.isfinite(g) and g >= 0):
+                raise UserError(f"guidance must be a finite number >= 0, got {g}")
+        given = any(v is not None for v in (self.sampler, self.steps, self.guidance))
+        sampler = self.sampler or DEFAULT_SAMPLER
+        steps = self.steps or DEFAULT_STEPS[sampler]
+        guidance = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
+        motion = (sampler, steps, guidance) if given or DEFAULT_MOTION is None else DEFAULT_MOTION
+        motion_sampler = self.motion_sampler or motion[0]
+        motion_steps = (self.motion_steps or self.steps
+                        or (motion[1] if motion_sampler == motion[0] else DEFAULT_STEPS[motion_sampler]))
+        motion_guidance = motion[2] if self.motion_guidance is None else self.motion_guidance
+        for k, v in (("sampler", sampler), ("steps", steps), ("guidance", float(guidance)),
+                     ("motion_sampler", motion_sampler), ("motion_steps", motion_steps),
+                     ("motion_guidance", float(motion_guidance))):
+            object.__setattr__(self, k, v)
+
+    def describe(self) -> str:
+        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2; motion dpmpp_2m 8 steps, guidance 1"."""
+        static = f"{self.sampler} {self.steps} steps, guidance {self.guidance:g}"
+        motion = f"{self.motion_sampler} {self.motion_steps} steps, guidance {self.motion_guidance:g}"
+        return static if static == motion else f"static {static}; motion {motion}"
+
+    def shared(self) -> bool:
+        """Whether both models sample alike (sampler, steps and guidance)."""
+        return ((self.sampler, self.steps, self.guidance)
+                == (self.motion_sampler, self.motion_steps, self.motion_guidance))
 
 
 @dataclass
@@ -134,7 +169,10 @@ class Synthesizer:
             s = subject_seed(seed, index, attempt)
             values = draw(self.chain.priors, request, np.random.default_rng(s))
             image, labels = self.chain.generate(values, values["slices"], [t / T for t in range(T)], s, sampling.steps,
-                                                sampling.guidance, sampling.keyframes, sampler=sampling.sampler)
+                                                sampling.guidance, sampling.keyframes, sampler=sampling.sampler,
+                                                motion_sampler=sampling.motion_sampler,
+                                                motion_steps=sampling.motion_steps,
+                                                motion_guidance=sampling.motion_guidance)
             image, labels = image[..., :values["slices"], :].numpy(), labels[..., :values["slices"], :].numpy()
             spacing = (self.chain.grid.spacing, self.chain.grid.spacing, values["slice_mm"])
             es = int(np.argmin(volume_curve(labels, spacing)["lv"]))
@@ -174,7 +212,8 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
     row = {"id": sid, "seed": subject.seed, "attempts": subject.attempts, "plausible": subject.plausible,
            "dx": v["dx"] or "", "ed": 0, "es": subject.es, "frames": subject.image.shape[3], "slices": v["slices"],
            "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
-           "guidance": sampling.guidance, "keyframes": sampling.keyframes, "precision": subject.precision}
+           "motion_sampler": sampling.motion_sampler, "motion_steps": sampling.motion_steps, "guidance": sampling.guidance,
+           "motion_guidance": sampling.motion_guidance, "keyframes": sampling.keyframes, "precision": subject.precision}
     for k in MEASURES:
         m = float(subject.measured[k])
         row[f"requested_{k}"] = round(v[k], 3)

@@ -118,15 +118,19 @@ class Generator4D:
     def device(self):
         return next(self.static.parameters()).device
 
-    def generate(self, values: dict, n_slices, phases, seed, steps=25, guidance=2.0,
-                 keyframes=0, timings=None, sampler="ddim") -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, values: dict, n_slices, phases, seed, steps=25, guidance=2.0, keyframes=0, timings=None,
+                 sampler="ddim", motion_sampler=None, motion_steps=None,
+                 motion_guidance=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One subject: condition values (dx and scalars, see nets.conditions) -> image, labels (X, Y, Z, T).
 
         keyframes > 0 and fewer than the phases asked for: the motion model samples that many evenly
         spaced phases and the residual latents of the others are interpolated along the cycle
         (periodic_interpolate), which divides the motion cost by T / keyframes. sampler: a name in
-        nets.diffusion.SAMPLERS, with `steps` network evaluations (times two with guidance) per model.
+        nets.diffusion.SAMPLERS, with `steps` network evaluations (times two with guidance) per model;
+        motion_sampler, motion_steps and motion_guidance, when given, are the motion model's own.
         """
+        motion_sampler, motion_steps = motion_sampler or sampler, motion_steps or steps
+        motion_guidance = guidance if motion_guidance is None else motion_guidance
         static_cond, motion_cond = ({k: v.to(self.device) for k, v in cond_tensors([values], norm, self.dx_vocab).items()}
                                     for norm in (self.static_norm, self.motion_norm))
         generator = torch.Generator().manual_seed(int(seed))
@@ -135,10 +139,11 @@ class Generator4D:
         t1 = time.perf_counter()
         if 0 < keyframes < len(phases):
             keys = self.sample_motion(z_ed, n_slices, motion_cond, [k / keyframes for k in range(keyframes)],
-                                      generator, steps, guidance, sampler)                 # (K, C, X, Y, Z)
+                                      generator, motion_steps, motion_guidance, motion_sampler)  # (K, C, X, Y, Z)
             z = z_ed + periodic_interpolate(keys - z_ed, phases)                          # (T, C, X, Y, Z)
         else:
-            z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, steps, guidance, sampler)
+            z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, motion_steps, motion_guidance,
+                                   motion_sampler)
         t2 = time.perf_counter()
         image, labels = self.decode(z)
         if timings is not None:

@@ -24,7 +24,7 @@ from synth4d.nets.memory import keep_freed_memory
 from synth4d.nets.pipeline import Generator4D
 from synth4d.nets.unet import UNet
 from synth4d.nets.vae import VAE
-from synth4d.jobs.synthesize import DEFAULT_SAMPLER, DEFAULT_STEPS
+from synth4d.jobs.synthesize import Sampling
 
 CL = torch.channels_last_3d
 VOCAB = ("DCM", "HCM", "MINF", "NOR", "RV")
@@ -84,8 +84,8 @@ def networks(preset, weights=None):
 
 @torch.no_grad()
 def forward_costs(p, vae, static, motion, frames, decode_batch):
-    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses (vae None: denoisers
-    only; the decoder at `decode_batch` frames, Generator4D's)."""
+    """(FLOPs, seconds) of one forward of each network at the batch the generation loop uses, `frames` the motion
+    frames it samples (vae None: denoisers only; the decoder at `decode_batch` frames, Generator4D's)."""
     C, X, Y, Z = p.latent_shape()
     out = {}
     for name, net, batch in (("static", static, 2), ("motion", motion, 2 * frames)):
@@ -135,6 +135,25 @@ def train_steps_per_s(p, vae, static, motion):
     return rates
 
 
+def parse_setting(text: str) -> tuple:
+    """sampler:steps:keyframes:precision[:guidance], sampler, steps and guidance each one value (both models)
+    or STATIC/MOTION -> (Sampling, precision)."""
+    sampler, steps, keyframes, precision, *guidance = text.split(":")
+    (sampler, *m_sampler), (steps, *m_steps) = sampler.split("/"), steps.split("/")
+    guidance, *m_guidance = guidance[0].split("/") if guidance else ["2"]
+    return Sampling(sampler, int(steps), float(guidance), int(keyframes), (m_sampler or [None])[0],
+                    int(m_steps[0]) if m_steps else None, float(m_guidance[0]) if m_guidance else None), precision
+
+
+def setting_name(sampling: Sampling, precision: str) -> str:
+    """The inverse of parse_setting."""
+    pair = lambda a, b: f"{a:g}" if a == b else f"{a:g}/{b:g}"  # noqa: E731
+    sampler = sampling.sampler if sampling.sampler == sampling.motion_sampler else \
+        f"{sampling.sampler}/{sampling.motion_sampler}"
+    return (f"{sampler}:{pair(sampling.steps, sampling.motion_steps)}:{sampling.keyframes}:{precision}:"
+            f"{pair(sampling.guidance, sampling.motion_guidance)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--weights", default=None, help="a weights folder (default: random networks of the cpu preset)")
@@ -142,10 +161,12 @@ def main():
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps of the reference setting and of the paper ratio")
     ap.add_argument("--subjects", type=int, default=3)
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
-    ap.add_argument("--compare", nargs="*", default=["dpmpp_2m:15:12:fp32", "dpmpp_2m:15:12:auto",
-                                                     "dpmpp_2m:10:12:auto"],
+    ap.add_argument("--compare", nargs="*", default=["ddim:25:12:fp32", "dpmpp_2m:15:12:auto", "dpmpp_2m:10:12:auto"],
                     help="sampler:steps:keyframes:precision settings timed beside DDIM (the reference, precision auto) "
-                         "and the default, with their ratio to the reference")
+                         "and the default, with their ratio to the reference; an optional fifth field is the guidance [2]; "
+                         "sampler, steps and guidance may each be STATIC/MOTION (ddim/dpmpp_2m:25/8:12:auto:2/1 is "
+                         "--sampler ddim --steps 25 --guidance 2 --motion-sampler dpmpp_2m --motion-steps 8 "
+                         "--motion-guidance 1)")
     ap.add_argument("--skip-paper", action="store_true")
     ap.add_argument("--glibc-malloc", action="store_true",
                     help="leave glibc's allocator as it is (the CLI raises its mmap threshold: nets/memory.py)")
@@ -174,33 +195,33 @@ def main():
                         norm(motion.cfg), p.grid, {})
     values = {"dx": static.cfg.dx_vocab[0], **{k: 0.0 for k in static.cfg.scalars + motion.cfg.scalars}}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reference = ("ddim", args.steps, args.keyframes, "auto")   # what `generate --sampler ddim --steps 25` runs
-    default = (DEFAULT_SAMPLER, DEFAULT_STEPS[DEFAULT_SAMPLER], args.keyframes, "auto")
-    settings = list(dict.fromkeys([reference, default] + [(s, int(n), int(k), pr) for s, n, k, pr in
-                                                          (c.split(":") for c in args.compare)]))
+    reference = (Sampling("ddim", args.steps, keyframes=args.keyframes), "auto")   # `generate --sampler ddim --steps 25`
+    default = (Sampling(), "auto")                                                  # `generate`
+    settings = list(dict.fromkeys([reference, default] + [parse_setting(c) for c in args.compare]))
     medians = {}
-    for sampler, steps, keyframes, precision in settings:
+    for sampling, precision in settings:
         set_precision(precision)
         per_subject, stages = [], []
         for i in range(args.subjects):
             timings = {}
             t = time.perf_counter()
-            chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=steps,
-                           guidance=2.0, keyframes=keyframes, timings=timings, sampler=sampler)
+            chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=sampling.steps,
+                           guidance=sampling.guidance, keyframes=sampling.keyframes, timings=timings,
+                           sampler=sampling.sampler, motion_sampler=sampling.motion_sampler,
+                           motion_steps=sampling.motion_steps, motion_guidance=sampling.motion_guidance)
             per_subject.append(time.perf_counter() - t)
             stages.append(timings)
-        setting = (sampler, steps, keyframes, precision)
-        medians[setting] = statistics.median(per_subject)
-        print(f"\ngeneration, {args.frames}-frame subject, {keyframes or args.frames} motion keyframes, "
-              f"{sampler} {steps} steps per model, guidance 2, precision {precision} "
-              f"({'bf16' if uses_bf16('cpu') else 'fp32'}) (median of {args.subjects}): {medians[setting]:.2f} s"
-              + (" (the default)" if setting == default else ""))
+        medians[sampling, precision] = statistics.median(per_subject)
+        print(f"\ngeneration, {args.frames}-frame subject, {sampling.keyframes or args.frames} motion keyframes, "
+              f"{sampling.describe()}, precision {precision} "
+              f"({'bf16' if uses_bf16('cpu') else 'fp32'}) (median of {args.subjects}): "
+              f"{medians[sampling, precision]:.2f} s" + (" (the default)" if (sampling, precision) == default else ""))
         for k in ("static", "motion", "decode"):
             print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
     for setting, seconds in medians.items():
         if setting != reference:
-            print(f"{':'.join(map(str, setting))} / {':'.join(map(str, reference))}: "
-                  f"{seconds / medians[reference]:.2f} of the time")
+            print(f"{setting_name(*setting)} / {setting_name(*reference)}: {seconds / medians[reference]:.2f} of the time"
+                  + (" (the default)" if setting == default else ""))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
 
@@ -210,7 +231,8 @@ def main():
         set_precision(precision)
         print(f"\nFLOP efficiency in {precision} (one forward at the generation loop's batch; % of the fp32 matmul; "
               f"% of the dense conv3d in {precision}):")
-        costs = all_costs[precision] = forward_costs(p, vae, static, motion, args.frames, chain.decode_batch)
+        sampled = (args.keyframes or args.frames) - 1   # motion frames per subject (ED is not sampled)
+        costs = all_costs[precision] = forward_costs(p, vae, static, motion, sampled, chain.decode_batch)
         for name, (f, sec, batch) in costs.items():
             rate = f / sec / 1e9
             print(f"  {name:<8} batch {batch:3d}: {f / 1e9:8.1f} GFLOP in {sec:6.3f} s = {rate:6.1f} GFLOP/s "
@@ -229,7 +251,7 @@ def main():
         f_static, t_static, _ = pc["static"]          # batch 2 = one subject with guidance
         f_motion, t_motion, _ = pc["motion"]          # batch 4 = two frames with guidance
         implied = args.steps * (t_static + t_motion / 2 * args.frames)
-        ours = args.steps * (costs["static"][1] + costs["motion"][1] * (args.keyframes or args.frames) / args.frames)
+        ours = args.steps * (costs["static"][1] + costs["motion"][1])   # both at the generation loop's batch
         print(f"\npaper preset: {f_static / 2 / 1e12:.2f} TFLOP per denoiser forward (one sample); "
               f"{args.steps} steps x (static + {args.frames} motion frames), guided, imply {implied:.0f} s "
               f"of denoising per subject here vs {ours:.1f} s for the cpu preset: ratio {implied / ours:.0f}x")

@@ -5,7 +5,8 @@ against a real one, print one table (the model card's "Sampler" section).
 RUNS/<setting>/ (the generated set, its eval.json and seconds.json) and prints the table; rerun it to
 resume (generate skips complete subjects, an existing eval.json is kept). Each setting is
 sampler:steps:keyframes:seed[:precision] (precision as `generate --precision`, auto
-if not given). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
+if not given; sampler and steps may each be STATIC/MOTION, e.g. ddim/dpmpp_2m:25/8:12:0 for
+`--sampler ddim --steps 25 --motion-sampler dpmpp_2m --motion-steps 8`). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
 everything else drawn from the prior; the same seed draws the same requests, so settings with one seed
 are paired, and two seeds of one setting measure the run-to-run noise. It prints figures and asserts
 nothing. Generation runs as `jobs` CLI processes with one thread each, side by side.
@@ -21,8 +22,9 @@ import time
 from pathlib import Path
 
 DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")
-SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:20:12:0", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:0",
-            "dpmpp_2m:8:12:0", "dpmpp_2m:10:8:0")
+SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:0", "dpmpp_2m:8:12:0",
+            "dpmpp_2m:10:8:0", "ddim/dpmpp_2m:25/8:12:0", "ddim/dpmpp_2m:25/6:12:0", "ddim/dpmpp_2m:25/4:12:0",
+            "ddim/dpmpp_2m:25/8:8:0")   # the model card's rows (weights/README.md, "Samplers and steps")
 MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
 STRUCTURES = ("RV", "MYO", "LV")
 
@@ -40,9 +42,12 @@ def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights)
                 continue
             csv = out / f"requests_{j}.csv"
             csv.write_text("dx\n" + "".join(f"{DIAGNOSES[i % len(DIAGNOSES)]}\n" for i in rows))
+            (sampler, *motion_sampler), (steps, *motion_steps) = sampler.split("/"), steps.split("/")
             cmd = [sys.executable, "-m", "synth4d", "generate", str(out), "--conditions", str(csv), "--start",
                    str(rows[0]), "--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed,
                    "--precision", precision[0] if precision else "auto"]
+            cmd += ["--motion-sampler", *motion_sampler] if motion_sampler else []
+            cmd += ["--motion-steps", *motion_steps] if motion_steps else []
             cmd += ["--weights", str(weights)] if weights else []
             procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL))
         if any(p.wait() for p in procs):
@@ -76,13 +81,34 @@ def row(setting: str, r: dict) -> str:
     return f"| {setting} | " + " | ".join(cells) + " |"
 
 
-def within_noise(results: dict, reference: str, repeat: str) -> dict:
+REAL_TARGET = {"image change": "image_change", "ES phase sd": "es_phase_sd"}   # judged by their distance to REAL's
+
+
+def higher_is_better(figure: str) -> bool:
+    """Which way a figure improves: errors, fvd_vae and the distances to the real figure (REAL_TARGET) fall;
+    r, diagnosis consistency, realism and sharpness rise."""
+    return not (figure.endswith(" mae") or figure == "fvd_vae" or figure in REAL_TARGET)
+
+
+def judged(r: dict) -> dict:
+    """figures(r) with the REAL_TARGET figures replaced by their distance to the real set's figure."""
+    f, real = figures(r), r["coherence"]["real"]
+    return {k: abs(v - real[REAL_TARGET[k]]) if k in REAL_TARGET else v for k, v in f.items()}
+
+
+def beyond_noise(results: dict, reference: str, repeat: str) -> dict:
     """Per setting, the figures that differ from `reference` by more than `repeat` (the same setting with
-    another seed) does: the run-to-run noise, measured once per figure."""
-    ref, noise = figures(results[reference]), figures(results[repeat])
+    another seed) does, the run-to-run noise measured once per figure: {"worse": [...], "better": [...]}."""
+    ref, noise = judged(results[reference]), judged(results[repeat])
     noise = {k: abs(noise[k] - ref[k]) for k in ref}
-    return {s: [k for k, v in figures(r).items() if abs(v - ref[k]) > noise[k]] for s, r in results.items()
-            if s not in (reference, repeat)}
+    out = {}
+    for s, r in results.items():
+        if s in (reference, repeat):
+            continue
+        moved = {k: v - ref[k] for k, v in judged(r).items() if abs(v - ref[k]) > noise[k]}
+        out[s] = {"worse": [k for k, d in moved.items() if (d > 0) != higher_is_better(k)],
+                  "better": [k for k, d in moved.items() if (d > 0) == higher_is_better(k)]}
+    return out
 
 
 def main():
@@ -96,7 +122,7 @@ def main():
     args = ap.parse_args()
     results = {}
     for setting in args.settings:
-        results[setting] = run_setting(args.real, args.runs / setting.replace(":", "_"), setting, args.n, args.jobs,
+        results[setting] = run_setting(args.real, args.runs / setting.replace(":", "_").replace("/", "-"), setting, args.n, args.jobs,
                                        args.weights)
         print(f"done {setting}", file=sys.stderr)
     head = ["sampler:steps:keyframes:seed[:precision]"] + [f"{k} r / MAE" for k in MEASURES] + [
@@ -109,8 +135,8 @@ def main():
     reference, repeat = args.settings[:2]
     if reference.split(":")[:3] == repeat.split(":")[:3] and reference.split(":")[4:] == repeat.split(":")[4:]:
         print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of {reference}:")
-        for setting, outside in within_noise(results, reference, repeat).items():
-            print(f"  {setting}: {', '.join(outside) if outside else 'none'}")
+        for setting, moved in beyond_noise(results, reference, repeat).items():
+            print(f"  {setting}: worse {', '.join(moved['worse']) or 'none'}; better {', '.join(moved['better']) or 'none'}")
 
 
 if __name__ == "__main__":

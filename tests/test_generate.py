@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from synth4d.cine import nifti
+from synth4d.cine import UserError, nifti
 from synth4d.cine.datasets import scan
 from synth4d import cli
 from tests.conftest import fails_at, run_cli
@@ -54,6 +54,7 @@ def test_flat_outputs_geometry_and_manifest(tiny_weights, tmp_path):
     side = __import__("json").loads((out / "synth_0000.json").read_text())
     assert side["synthetic"] is True and side["requested"]["lvedv"] == 120 and side["given"] == ["lvedv"]
     assert side["seed"] == int(row["seed"]) and side["weights"] == row["weights"] and side["sampling"]["steps"] == 3
+    assert side["sampling"]["motion_steps"] == int(row["motion_steps"]) == 3   # --steps: both models
     assert side["labels"] == {"convention": "acdc", "0": "background", "1": "RV", "2": "MYO", "3": "LV"}
     assert side["measured"]["lvedv"] == pytest.approx(m["lvedv"], abs=1e-2)
 
@@ -107,7 +108,8 @@ def test_rerun_skips_complete_subjects_and_never_overwrites(tiny_weights, tmp_pa
     assert (out / "synth_0001.nii.gz").stat().st_mtime_ns == first
     # Another request into the same folder would silently mix two runs: refused, whatever differs.
     for change in (["--seed", "5"], ["--dx", "HCM"], ["--lvedv", "150"], ["--frames", "6"], ["--steps", "4"],
-                   ["--guidance", "3"], ["--keyframes", "2"], ["--sampler", "dpmpp_2m"]):
+                   ["--guidance", "3"], ["--keyframes", "2"], ["--sampler", "dpmpp_2m"], ["--motion-steps", "2"],
+                   ["--motion-sampler", "dpmpp_2m"], ["--motion-guidance", "1"]):
         result = CliRunner().invoke(cli, ["generate", "--weights", str(tiny_weights), *FAST, *change, str(out)])
         assert result.exit_code != 0 and "another request" in str(result.exception), change
     # A stray file with a subject's name is not overwritten without --overwrite.
@@ -361,3 +363,40 @@ def test_a_fault_at_any_atomic_write_is_completed_by_a_rerun(tiny_weights, tmp_p
         got = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")}
         assert got == expected, k
     assert k == 7   # six writes: the probe, then the subject's pending marker, image, mask, sidecar and manifest
+
+
+def test_the_motion_model_runs_its_own_sampler_and_steps(tiny_weights, monkeypatch):
+    import synth4d.nets.diffusion as diffusion
+    from synth4d.jobs.synthesize import Sampling, load
+    model = load(tiny_weights)
+    calls = {"static": 0, "motion": 0}
+    for name in calls:
+        getattr(model.chain, name).register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    used = []
+    for name, fn in list(diffusion.SAMPLERS.items()):
+        monkeypatch.setitem(diffusion.SAMPLERS, name, lambda *a, fn=fn, name=name, **k: used.append(name) or fn(*a, **k))
+    sampling = Sampling(steps=3, keyframes=3, motion_sampler="dpmpp_2m", motion_steps=2)
+    n = model.generate(dx="NOR", frames=5, sampling=sampling).attempts   # draws again if implausible
+    assert calls == {"static": 3 * n, "motion": 2 * n} and used == ["ddim", "dpmpp_2m"] * n   # a batched forward a step
+
+
+def test_sampler_options_resolve_per_model(monkeypatch):
+    import synth4d.jobs.synthesize as synthesize
+    from synth4d.jobs.synthesize import Sampling
+    steps = lambda s: (s.sampler, s.steps, s.guidance, s.motion_sampler, s.motion_steps, s.motion_guidance)  # noqa: E731
+    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 1.0))
+    assert steps(Sampling()) == ("ddim", 25, 2, "dpmpp_2m", 8, 1)                     # the defaults: one per model
+    assert steps(Sampling("ddim", 25)) == ("ddim", 25, 2, "ddim", 25, 2)              # the reference: both DDIM 25
+    assert steps(Sampling(steps=10)) == ("ddim", 10, 2, "ddim", 10, 2)                # given steps are both models'
+    assert steps(Sampling(guidance=3)) == ("ddim", 25, 3, "ddim", 25, 3)              # and so is a given guidance
+    assert steps(Sampling("dpmpp_2m")) == ("dpmpp_2m", 15, 2, "dpmpp_2m", 15, 2)
+    assert steps(Sampling(motion_steps=5)) == ("ddim", 25, 2, "dpmpp_2m", 5, 1)
+    assert steps(Sampling(motion_sampler="ddim")) == ("ddim", 25, 2, "ddim", 25, 1)
+    assert steps(Sampling("ddim", 20, motion_sampler="dpmpp_2m")) == ("ddim", 20, 2, "dpmpp_2m", 20, 2)
+    assert steps(Sampling(motion_guidance=1.5)) == ("ddim", 25, 2, "dpmpp_2m", 8, 1.5)
+    assert Sampling(motion_steps=5).describe() == "static ddim 25 steps, guidance 2; motion dpmpp_2m 5 steps, guidance 1"
+    assert Sampling("ddim").describe() == "ddim 25 steps, guidance 2" and Sampling("ddim").shared()
+    for bad in ({"motion_sampler": "euler"}, {"motion_steps": 0}, {"sampler": "plms"}, {"motion_guidance": -1.0},
+                {"guidance": float("nan")}):
+        with pytest.raises(UserError):
+            Sampling(**bad)
