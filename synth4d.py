@@ -288,18 +288,22 @@ def _prior_options(f):
 @click.option("--frames", type=click.IntRange(min=2, max=200), default=30, show_default=True, help="Frames per cardiac cycle.")
 @click.option("--slices", type=click.IntRange(min=1), default=None, help="Short-axis slices [drawn from the prior].")
 @click.option("--sampler", type=click.Choice(("ddim", "dpmpp_2m")), default=None,
-              help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022) "
-                   "[ddim]. Quality and time per setting: the model card, weights/README.md.")
+              help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022). "
+                   "Without --sampler, --steps or --guidance: DDIM 25 steps for the static model and DPM-Solver++(2M) "
+                   "8 steps for the motion model, guidance 2 (0.48 of the time of --sampler ddim --steps 25 at equal "
+                   "quality; every setting measured: the model card, weights/README.md).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
               help="Sampler steps of each model [ddim 25, dpmpp_2m 15].")
 @click.option("--motion-sampler", type=click.Choice(("ddim", "dpmpp_2m")), default=None,
-              help="The motion model's own sampler [as --sampler].")
+              help="The motion model's own sampler [as --sampler when --sampler, --steps or --guidance is given, "
+                   "else dpmpp_2m].")
 @click.option("--motion-steps", type=click.IntRange(min=1, max=1000), default=None,
-              help="The motion model's own steps [as --steps]; the motion model takes most of the time.")
+              help="The motion model's own steps [as --steps when --sampler, --steps or --guidance is given, else 8 "
+                   "(25 with --motion-sampler ddim)]; the motion model takes most of the time.")
 @click.option("--guidance", type=click.FloatRange(min=0), default=None,
               help="Classifier-free guidance scale of each model [2].")
 @click.option("--motion-guidance", type=click.FloatRange(min=0), default=None,
-              help="The motion model's own guidance scale [as --guidance].")
+              help="The motion model's own guidance scale [as --guidance, else 2].")
 @click.option("--keyframes", type=click.IntRange(min=0), default=12, show_default=True,
               help="Phases the motion model samples; other frames are interpolated along the cycle (0: sample every frame).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; subject i uses a seed derived from it and i.")
