@@ -84,6 +84,12 @@ class Sampling:
         motion = f"{self.motion_sampler} {self.motion_steps} steps, guidance {self.motion_guidance:g}"
         return static if static == motion else f"static {static}; motion {motion}"
 
+    def chain_args(self) -> dict:
+        """The keyword arguments of Generator4D.generate that these settings fill."""
+        return {"steps": self.steps, "guidance": self.guidance, "keyframes": self.keyframes, "sampler": self.sampler,
+                "motion_sampler": self.motion_sampler, "motion_steps": self.motion_steps,
+                "motion_guidance": self.motion_guidance}
+
     def shared(self) -> bool:
         """Whether both models sample alike (sampler, steps and guidance)."""
         return ((self.sampler, self.steps, self.guidance)
@@ -168,11 +174,8 @@ class Synthesizer:
         for attempt in range(MAX_ATTEMPTS):
             s = subject_seed(seed, index, attempt)
             values = draw(self.chain.priors, request, np.random.default_rng(s))
-            image, labels = self.chain.generate(values, values["slices"], [t / T for t in range(T)], s, sampling.steps,
-                                                sampling.guidance, sampling.keyframes, sampler=sampling.sampler,
-                                                motion_sampler=sampling.motion_sampler,
-                                                motion_steps=sampling.motion_steps,
-                                                motion_guidance=sampling.motion_guidance)
+            image, labels = self.chain.generate(values, values["slices"], [t / T for t in range(T)], s,
+                                                **sampling.chain_args())
             image, labels = image[..., :values["slices"], :].numpy(), labels[..., :values["slices"], :].numpy()
             spacing = (self.chain.grid.spacing, self.chain.grid.spacing, values["slice_mm"])
             es = int(np.argmin(volume_curve(labels, spacing)["lv"]))

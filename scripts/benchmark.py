@@ -205,10 +205,8 @@ def main():
         for i in range(args.subjects):
             timings = {}
             t = time.perf_counter()
-            chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, steps=sampling.steps,
-                           guidance=sampling.guidance, keyframes=sampling.keyframes, timings=timings,
-                           sampler=sampling.sampler, motion_sampler=sampling.motion_sampler,
-                           motion_steps=sampling.motion_steps, motion_guidance=sampling.motion_guidance)
+            chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, timings=timings,
+                           **sampling.chain_args())
             per_subject.append(time.perf_counter() - t)
             stages.append(timings)
         medians[sampling, precision] = statistics.median(per_subject)
