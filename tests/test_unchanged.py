@@ -29,7 +29,10 @@ NUMBERS_RTOL; every file kept its content. It was made again when the shipped we
 kept their digests, and NIfTI files gained the tolerant comparison, since a new network may meet
 other convolution kernels on another CPU. And once more when the manifest and sidecars gained the
 motion model's own sampler and steps ("motion_sampler", "motion_steps"): only manifest.csv,
-generate.jsonl and the sidecars changed (the commands give --steps, which sets both models' steps). Every command runs in a fresh process on one thread: with two threads, float sums in
+generate.jsonl and the sidecars changed (the commands give --steps, which sets both models' steps).
+And once more when the shipped static and motion weights became round 6's (the VAE kept its file):
+the generated files (gen/ and acdc/, with their manifests and sidecars), generate.jsonl and eval.json
+changed; the phantom's files and segment's kept their digests. Every command runs in a fresh process on one thread: with two threads, float sums in
 the convolutions are ordered differently and generated intensities differ in the last bits. Text
 outputs name files relative to the working folder; the shipped weights' folder, which differs
 between checkouts, is replaced by <weights>. A record made with other torch / numpy / nibabel
