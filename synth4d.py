@@ -290,7 +290,7 @@ def _prior_options(f):
 @click.option("--sampler", type=click.Choice(("ddim", "dpmpp_2m")), default=None,
               help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022). "
                    "Without --sampler, --steps or --guidance: DDIM 25 steps for the static model and DPM-Solver++(2M) "
-                   "8 steps for the motion model, guidance 2 (0.48 of the time of --sampler ddim --steps 25 at equal "
+                   "8 steps for the motion model, guidance 2 (about half the time of --sampler ddim --steps 25 at equal "
                    "quality; every setting measured: the model card, weights/README.md).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
               help="Sampler steps of each model [ddim 25, dpmpp_2m 15].")
