@@ -46,7 +46,8 @@ STRUCTURES = (1, 2, 3)
 COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, lower is smoother, higher with "
              "fewer frames (compare sets with equal frame counts); image change: mean |frame t+1 - frame t| "
              "on the common grid, intensities in [-1, 1]; ED offset: distance of the LV maximum from the ED "
-             "frame, ES phase: ES after ED (generated: LV minimum; real: metadata), as fractions of the cycle; "
+             "frame, ES phase: ES after ED (generated: LV minimum; real: metadata), as fractions of the cycle, its "
+             "sd, a robust sd (1.4826 x median absolute deviation) and the count more than 0.15 from the median; "
              "one component: fraction of slices x frames holding a structure where it is one 4-connected piece "
              "(real: full-cycle masks, else the labelled frames)")
 
@@ -225,6 +226,24 @@ def controllability(gen_ds, manifest) -> dict:
 
 # ---- temporal coherence ------------------------------------------------------------------
 
+ES_FAR = 0.15   # of the cycle: an ES phase this far from the set's median is counted apart
+
+
+def es_phase_spread(phases) -> dict:
+    """Robust spread of ES phases (fractions of the cycle): the median absolute deviation from the
+    median, scaled by 1.4826 to read as an sd for normal data, and how many subjects lie more than
+    ES_FAR from the median. A heart that barely contracts has a flat LV curve whose minimum can fall
+    anywhere; the sd counts those at full weight, the robust figure does not, and the count says how
+    many there are. Distances are taken around the cycle (phase 0.95 is 0.1 from phase 0.05)."""
+    p = np.asarray(phases, dtype=float)
+    if len(p) < 2:
+        return {"es_phase_mad_sd": None, "es_phase_far": None}
+    med = float(np.median(p))
+    d = np.abs(p - med) % 1.0
+    d = np.minimum(d, 1.0 - d)
+    return {"es_phase_mad_sd": float(1.4826 * np.median(d)), "es_phase_far": int(np.sum(d > ES_FAR))}
+
+
 def coherence_stats(ds, grid, generated: bool) -> dict:
     """Volume-curve smoothness, ED/ES timing, frame-to-frame image change and mask topology of one set."""
     lv_smooth, rv_smooth, ed_offset, es_phase, change, change_smooth, frames = [], [], [], [], [], [], []
@@ -258,6 +277,7 @@ def coherence_stats(ds, grid, generated: bool) -> dict:
             "lv_curve_roughness": _mean(lv_smooth), "rv_curve_roughness": _mean(rv_smooth),
             "ed_offset": _mean(ed_offset), "es_phase": _mean(es_phase),
             "es_phase_sd": float(np.std(es_phase, ddof=1)) if len(es_phase) > 1 else None,
+            **es_phase_spread(es_phase),
             "image_change": _mean(change), "image_change_roughness": _mean(change_smooth),
             "one_component": {LABELS[c]: one[i] / present[i] if present[i] else None
                               for i, c in enumerate(STRUCTURES)},

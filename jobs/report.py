@@ -55,6 +55,7 @@ def format_table(result: dict) -> str:
         keys = [("subjects", "subjects"), ("frames (mean)", "frames_mean"), ("full-cycle masks", "full_cycle_masks"),
                 ("LV curve roughness", "lv_curve_roughness"), ("RV curve roughness", "rv_curve_roughness"),
                 ("ED offset (cycle)", "ed_offset"), ("ES phase (cycle)", "es_phase"), ("ES phase sd", "es_phase_sd"),
+                ("ES phase sd, robust (MAD)", "es_phase_mad_sd"), ("ES phases far off median", "es_phase_far"),
                 ("image change / frame", "image_change"), ("image change roughness", "image_change_roughness")]
         rows = [(label, r[k], g[k]) for label, k in keys]
         rows += [(f"one component {s}", r["one_component"][s], g["one_component"][s]) for s in r["one_component"]]

@@ -18,7 +18,7 @@ from synth4d.nets.config import GridConfig, get_preset
 from synth4d.nets.i3d import I3DFeatures, InceptionI3d
 from synth4d.nets.vae import VAE
 from synth4d import cli
-from synth4d.jobs.evaluate import _manifest, controllability, evaluate
+from synth4d.jobs.evaluate import ES_FAR, _manifest, controllability, es_phase_spread, evaluate
 from synth4d.jobs.fvd import cycle_frames, fvd_report
 from synth4d.weights.checkpoint import load_vae, save_checkpoint
 
@@ -164,6 +164,23 @@ def test_cycle_frames_periodic_resampling():
     np.testing.assert_allclose(out[0, 0, 0], [1, 1.5, 2, 2.5, 3, 1.5, 0, 0.5])
 
 
+def test_es_phase_spread_robust_and_circular():
+    # Median 0.35; distances 0.05 0.03 0.01 0.01 0.03 and 0.4 (0.95 is 0.4 from 0.35 around the cycle).
+    out = es_phase_spread([0.30, 0.32, 0.34, 0.36, 0.38, 0.95])
+    assert out["es_phase_mad_sd"] == pytest.approx(1.4826 * 0.03) and out["es_phase_far"] == 1
+    # 0.98 is 0.05 from the median 0.03 around the cycle, not 0.95: not far.
+    assert es_phase_spread([0.02, 0.02, 0.04, 0.98])["es_phase_far"] == 0
+    # On normal data the robust figure reads as the sd; one flat-curve outlier moves the sd, not it.
+    rng = np.random.default_rng(0)
+    p = 0.34 + 0.03 * rng.standard_normal(20000)
+    assert es_phase_spread(p)["es_phase_mad_sd"] == pytest.approx(np.std(p), rel=0.03)
+    q = np.r_[p[:40], 0.8]
+    assert np.std(q, ddof=1) > 2 * np.std(p[:40], ddof=1)
+    assert es_phase_spread(q)["es_phase_mad_sd"] == pytest.approx(es_phase_spread(p[:40])["es_phase_mad_sd"], rel=0.15)
+    assert es_phase_spread(q)["es_phase_far"] == 1 and ES_FAR < 0.8 - 0.34
+    assert es_phase_spread([0.3]) == {"es_phase_mad_sd": None, "es_phase_far": None}
+
+
 def test_coherence_on_the_phantom(tiny_phantom, fake_set):
     out = evaluate(tiny_phantom, fake_set[0], coherence=True)["coherence"]
     real, gen = out["real"], out["generated"]
@@ -180,6 +197,8 @@ def test_coherence_on_the_phantom(tiny_phantom, fake_set):
     assert 0 < real["image_change"] and 0 < real["image_change_roughness"] and 0 < gen["image_change"]
     # The fake generated set: ES (frame 1 of 3) from the LV curve, one component everywhere.
     assert gen["es_phase"] == pytest.approx(1 / 3) and gen["ed_offset"] == 0.0
+    phases = [(s.es - s.ed) % s.n_frames / s.n_frames for s in subjects]
+    assert real["es_phase_mad_sd"] == pytest.approx(es_phase_spread(phases)["es_phase_mad_sd"])
     assert gen["one_component"] == {"RV": 1.0, "MYO": 1.0, "LV": 1.0}
 
 
