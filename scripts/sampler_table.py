@@ -29,8 +29,18 @@ MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
 STRUCTURES = ("RV", "MYO", "LV")
 
 
-def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights) -> dict:
+def generate_options(setting: str) -> list:
+    """`sampler:steps:keyframes:seed[:precision]` (sampler and steps may be STATIC/MOTION) -> the options
+    of `synth4d generate` that sample that way, the same for every job of the setting."""
     sampler, steps, keyframes, seed, *precision = setting.split(":")
+    (sampler, *motion_sampler), (steps, *motion_steps) = sampler.split("/"), steps.split("/")
+    cmd = ["--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed,
+           "--precision", precision[0] if precision else "auto"]
+    cmd += ["--motion-sampler", *motion_sampler] if motion_sampler else []
+    return cmd + (["--motion-steps", *motion_steps] if motion_steps else [])
+
+
+def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     seconds = out / "seconds.json"
     if not seconds.exists():
@@ -42,13 +52,8 @@ def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights)
                 continue
             csv = out / f"requests_{j}.csv"
             csv.write_text("dx\n" + "".join(f"{DIAGNOSES[i % len(DIAGNOSES)]}\n" for i in rows))
-            (sampler, *motion_sampler), (steps, *motion_steps) = sampler.split("/"), steps.split("/")
             cmd = [sys.executable, "-m", "synth4d", "generate", str(out), "--conditions", str(csv), "--start",
-                   str(rows[0]), "--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed,
-                   "--precision", precision[0] if precision else "auto"]
-            cmd += ["--motion-sampler", *motion_sampler] if motion_sampler else []
-            cmd += ["--motion-steps", *motion_steps] if motion_steps else []
-            cmd += ["--weights", str(weights)] if weights else []
+                   str(rows[0]), *generate_options(setting)] + (["--weights", str(weights)] if weights else [])
             procs.append(subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL))
         if any(p.wait() for p in procs):
             raise SystemExit(f"generation failed for {setting}")

@@ -1,0 +1,57 @@
+"""The measuring scripts in scripts/ (not part of the package): the parts whose mistakes would silently
+change a published figure."""
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def options(cmd):
+    """`--flag value` pairs of a command line -> {flag: value}."""
+    return {a: b for a, b in zip(cmd, cmd[1:]) if a.startswith("--")}
+
+
+def test_generate_options_per_model():
+    table = load("sampler_table")
+    assert options(table.generate_options("ddim/dpmpp_2m:25/8:12:0")) == {
+        "--sampler": "ddim", "--steps": "25", "--keyframes": "12", "--seed": "0", "--precision": "auto",
+        "--motion-sampler": "dpmpp_2m", "--motion-steps": "8"}
+    single = options(table.generate_options("dpmpp_2m:10:8:1:fp32"))
+    assert single == {"--sampler": "dpmpp_2m", "--steps": "10", "--keyframes": "8", "--seed": "1", "--precision": "fp32"}
+
+
+def test_every_job_samples_the_same_way(tmp_path, monkeypatch):
+    """Each generation job of a setting gets the same sampler options (a regression: the second job of a
+    STATIC/MOTION setting once lost its motion sampler and ran the default)."""
+    table = load("sampler_table")
+    commands = []
+
+    class FakeProcess:
+        def __init__(self, cmd, **kwargs):
+            commands.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(table.subprocess, "Popen", FakeProcess)
+    out = tmp_path / "setting"
+    out.mkdir()
+    (out / "eval.json").write_text(json.dumps({"fvd_vae": 1.0}))   # evaluation is not what this test checks
+    result = table.run_setting(tmp_path / "real", out, "ddim/dpmpp_2m:25/4:8:3", n=10, jobs=3, weights=None)
+    assert len(commands) == 3
+    assert [options(c)["--start"] for c in commands] == ["0", "4", "8"]
+    for cmd in commands:
+        o = options(cmd)
+        assert (o["--sampler"], o["--steps"], o["--motion-sampler"], o["--motion-steps"], o["--keyframes"], o["--seed"]) == (
+            "ddim", "25", "dpmpp_2m", "4", "8", "3")
+    rows = [(out / f"requests_{j}.csv").read_text().split()[1:] for j in range(3)]
+    assert [len(r) for r in rows] == [4, 4, 2] and rows[1][0] == table.DIAGNOSES[4 % len(table.DIAGNOSES)]
+    assert result["timing"]["subjects"] == 10 and result["fvd_vae"] == 1.0
