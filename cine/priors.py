@@ -4,6 +4,11 @@ Generation may be asked for any subset of the priors; the rest are drawn from a 
 fitted per diagnosis to the log of the training subjects' measures, conditioned on the
 values given (so an asked-for large LVEDV brings a large RVEDV and mass with it).
 The fitted prior is plain JSON so it travels in a checkpoint's metadata.
+
+The ES phase (ES frame after ED as a fraction of the cycle) has a prior of its own, a Gaussian per
+diagnosis clipped to the training range (`fit_es_phase`), drawn after the measures so a seed draws the
+same measures with or without it. The generator warps its motion model's cycle so that the model's
+own ES phase ("anchor", `warp_phases`) lands on the drawn one.
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ from synth4d.cine.measures import MEASURES, ejection_fraction
 
 # Drawn jointly, in log space. EFs follow from EDV and ESV.
 FIELDS = ("lvedv", "lvesv", "rvedv", "rvesv", "lv_mass", "slices", "slice_mm", "rr_ms")
-REQUESTABLE = (*MEASURES, "slices")
+REQUESTABLE = (*MEASURES, "slices", "es_phase")
+ES_PHASE_RANGE = (0.15, 0.55)  # ES (after ED, fraction of the cycle) outside this is not a plausible systole
 
 
 def fit_priors(records, shrink=4.0):
@@ -35,7 +41,38 @@ def fit_priors(records, shrink=4.0):
     for dx in sorted({str(r.get("dx")) for r in rows if r.get("dx")}):
         x = x_all[[str(r.get("dx")) == dx for r in rows]]
         out["dx"][dx] = _fit(x, pooled, shrink)
-    return out
+    es = fit_es_phase(records)
+    return {**out, "es_phase": es} if es else out
+
+
+def fit_es_phase(records) -> dict | None:
+    """records with dx and es_phase -> {"anchor", "all", "dx": {dx: {n, mean, sd, lo, hi}}}, None for fewer than 2.
+
+    anchor: the phase where the motion model puts ES; the training mean until measured on the model's own
+    output (scripts/es_phase_prior.py). A diagnosis with fewer than 5 subjects gets the pooled figures.
+    """
+    rows = [r for r in records if r.get("es_phase") is not None and 0 < r["es_phase"] < 1]
+    if len(rows) < 2:
+        return None
+
+    def stats(v):
+        v = np.asarray(v, dtype=float)
+        return {"n": len(v), "mean": float(v.mean()), "sd": float(v.std(ddof=1)), "lo": float(v.min()),
+                "hi": float(v.max())}
+
+    pooled = stats([r["es_phase"] for r in rows])
+    by_dx = {}
+    for dx in sorted({str(r.get("dx")) for r in rows if r.get("dx")}):
+        v = [r["es_phase"] for r in rows if str(r.get("dx")) == dx]
+        by_dx[dx] = stats(v) if len(v) >= 5 else {**pooled, "n": len(v)}
+    return {"anchor": pooled["mean"], "all": pooled, "dx": by_dx}
+
+
+def warp_phases(phases, es_phase, anchor) -> list:
+    """Output phases -> the motion model's phases, piecewise linear: 0 -> 0, es_phase -> anchor, 1 -> 1,
+    so the model's systole (0..anchor) fills 0..es_phase of the output cycle and its diastole the rest."""
+    return [float(p) * anchor / es_phase if p <= es_phase else anchor + (float(p) - es_phase) * (1 - anchor) / (1 - es_phase)
+            for p in phases]
 
 
 def _fit(x, pooled, shrink=4.0):
@@ -63,6 +100,8 @@ def check_request(req, dx_vocab=None):
             raise UserError(f"{k} must be a positive number, got {v}")
         if k in ("lvef", "rvef") and not 0 < v < 100:
             raise UserError(f"{k} must be between 0 and 100 %, got {v}")
+        if k == "es_phase" and not ES_PHASE_RANGE[0] <= v <= ES_PHASE_RANGE[1]:
+            raise UserError(f"es_phase must be between {ES_PHASE_RANGE[0]} and {ES_PHASE_RANGE[1]} of the cycle, got {v}")
     for side in ("lv", "rv"):
         edv, esv, ef = req.get(f"{side}edv"), req.get(f"{side}esv"), req.get(f"{side}ef")
         if edv is not None and esv is not None:
@@ -128,6 +167,12 @@ def draw(priors, req, rng):
     out["slices"] = int(round(min(max(out["slices"], lo), hi)))
     out.update(_efs(out))
     out["dx"] = dx
+    es = priors.get("es_phase")
+    if req.get("es_phase") is not None:
+        out["es_phase"] = float(req["es_phase"])
+    elif es:   # drawn last: the measures above come out the same with or without an ES phase prior
+        q = es["dx"].get(dx, es["all"]) if dx else es["all"]
+        out["es_phase"] = float(np.clip(rng.normal(q["mean"], q["sd"]), q["lo"], q["hi"]))
     return out
 
 

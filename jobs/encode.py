@@ -44,9 +44,11 @@ class LatentSubject:
         return self.z.shape[0]
 
     def values(self) -> dict:
-        """The subject's condition values: its measures plus the acquisition figures the priors also model."""
+        """The subject's condition values: its measures plus the acquisition figures and the ES phase
+        (ES after ED as a fraction of the cycle) the priors also model."""
+        es_phase = None if self.es is None or self.es == self.ed else ((self.es - self.ed) % self.frames) / self.frames
         return {**self.measures, "slices": float(self.n_slices), "slice_mm": self.slice_mm, "rr_ms": self.rr_ms,
-                "dx": self.dx}
+                "dx": self.dx, "es_phase": es_phase}
 
 
 def _file_digest(path) -> str:

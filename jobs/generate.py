@@ -37,7 +37,7 @@ try:
 except ImportError:        # elsewhere: one job per output folder
     fcntl = None
 
-CSV_COLUMNS = ("dx", *MEASURES, "frames")
+CSV_COLUMNS = ("dx", *MEASURES, "es_phase", "frames")
 PENDING = ".pending"     # OUT/.pending/<id>: the pid of the process writing subject id, or FAILED
 FAILED = "failed"
 
@@ -288,7 +288,7 @@ def _preview(out, image_rel: Path, subject: Synthetic) -> Path:
 
 
 INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "motion_steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
-FLOAT_COLUMNS = {"slice_mm", "guidance", "motion_guidance", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
+FLOAT_COLUMNS = {"slice_mm", "es_phase", "guidance", "motion_guidance", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
 
 
 def _typed(row: dict) -> dict:

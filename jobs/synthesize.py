@@ -22,7 +22,7 @@ from synth4d.cine import UserError
 from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve
 from synth4d.cine.grid import OutputGrid, place
 from synth4d.cine.nifti import Geometry
-from synth4d.cine.priors import REQUESTABLE, check_request, draw
+from synth4d.cine.priors import ES_PHASE_RANGE, REQUESTABLE, check_request, draw
 from synth4d.nets.device import uses_bf16
 from synth4d.nets.diffusion import SAMPLERS
 from synth4d.nets.pipeline import Generator4D
@@ -125,8 +125,9 @@ def subject_seed(base: int, index: int, attempt: int = 0) -> int:
     return int(np.random.SeedSequence([base & 0xFFFFFFFF, index, attempt]).generate_state(1)[0])
 
 
-def plausible(labels, measured) -> str:
-    """'' when the ED frame has LV, MYO and RV on contiguous slices and volumes are not absurd, else why not."""
+def plausible(labels, measured, es=None) -> str:
+    """'' when the ED frame has LV, MYO and RV on contiguous slices, volumes are not absurd and the smallest LV
+    (frame `es`) falls in systole (cine.priors.ES_PHASE_RANGE of the cycle), else why not."""
     ed = labels[..., 0]
     for label, name in ((3, "LV"), (2, "MYO"), (1, "RV")):
         slices = np.flatnonzero((ed == label).any(axis=(0, 1)))
@@ -138,6 +139,9 @@ def plausible(labels, measured) -> str:
         return "volumes out of range"
     if not (0 < measured["lvef"] < 95):
         return "LVEF out of range"
+    T = labels.shape[3]
+    if es is not None and not ES_PHASE_RANGE[0] <= es / T <= ES_PHASE_RANGE[1]:
+        return f"smallest LV at frame {es} of {T}, not in systole"
     return ""
 
 
@@ -159,6 +163,8 @@ class Synthesizer:
             raise UserError(f"slices must be between 1 and {self.chain.grid.slices} for these weights, got {slices:g}")
         if frames is not None and not 2 <= int(frames) <= MAX_FRAMES:
             raise UserError(f"frames must be between 2 and {MAX_FRAMES}, got {frames}")
+        if request.get("es_phase") is not None and not self.chain.priors.get("es_phase"):
+            raise UserError("these weights have no ES phase prior, so es_phase cannot be asked of them")
 
     def subject(self, request: dict, index: int = 0, seed: int = 0, sampling: Sampling = Sampling(),
                 output: OutputGrid = OutputGrid()) -> Synthetic:
@@ -180,7 +186,7 @@ class Synthesizer:
             spacing = (self.chain.grid.spacing, self.chain.grid.spacing, values["slice_mm"])
             es = int(np.argmin(volume_curve(labels, spacing)["lv"]))
             measured = clinical_measures(labels[..., 0], labels[..., es], spacing)
-            why = plausible(labels, measured)
+            why = plausible(labels, measured, es)
             if not why:
                 break
         image, labels, affine = place(image, labels, spacing, output, bg=-1.0)
@@ -194,8 +200,9 @@ class Synthesizer:
     def generate(self, dx=None, seed: int = 0, index: int = 0, frames: int = 30, slices=None,
                  sampling: Sampling = Sampling(), **measures) -> Synthetic:
         """One subject with diagnosis `dx` and any of the measures (lvedv=..., lvef=..., see
-        cine.measures.MEASURES) given; what is not given is drawn from the prior."""
-        unknown = sorted(set(measures) - set(MEASURES))
+        cine.measures.MEASURES) and es_phase (ES after ED as a fraction of the cycle) given; what is not
+        given is drawn from the prior."""
+        unknown = sorted(set(measures) - set(MEASURES) - {"es_phase"})
         if unknown:
             raise UserError(f"unknown condition(s) {', '.join(unknown)}; known: {', '.join(REQUESTABLE)}")
         request = {"dx": dx.upper() if dx else None, **{k: v for k, v in measures.items() if v is not None},
@@ -213,7 +220,8 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
     """The manifest columns of one subject (generate's manifest.csv and --json): requested, given, measured."""
     v = subject.values
     row = {"id": sid, "seed": subject.seed, "attempts": subject.attempts, "plausible": subject.plausible,
-           "dx": v["dx"] or "", "ed": 0, "es": subject.es, "frames": subject.image.shape[3], "slices": v["slices"],
+           "dx": v["dx"] or "", "ed": 0, "es": subject.es,
+           "es_phase": round(v["es_phase"], 4) if v.get("es_phase") is not None else "", "frames": subject.image.shape[3], "slices": v["slices"],
            "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
            "motion_sampler": sampling.motion_sampler, "motion_steps": sampling.motion_steps, "guidance": sampling.guidance,
            "motion_guidance": sampling.motion_guidance, "keyframes": sampling.keyframes, "precision": subject.precision}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from synth4d.cine.priors import warp_phases
 from synth4d.nets.config import GridConfig
 from synth4d.nets.conditions import cond_tensors, motion_context, null_conditions
 from synth4d.nets.device import autocast
@@ -128,6 +129,8 @@ class Generator4D:
         (periodic_interpolate), which divides the motion cost by T / keyframes. sampler: a name in
         nets.diffusion.SAMPLERS, with `steps` network evaluations (times two with guidance) per model;
         motion_sampler, motion_steps and motion_guidance, when given, are the motion model's own.
+        values["es_phase"], when given (with weights whose priors have an ES phase anchor): the motion model's
+        cycle is warped (cine.priors.warp_phases) so that its ES, at the anchor phase, comes at es_phase.
         """
         motion_sampler, motion_steps = motion_sampler or sampler, motion_steps or steps
         motion_guidance = guidance if motion_guidance is None else motion_guidance
@@ -137,6 +140,8 @@ class Generator4D:
         clock = time.perf_counter()
         z_ed = self.sample_static(static_cond, generator, steps, guidance, sampler)
         t1 = time.perf_counter()
+        if values.get("es_phase") is not None and self.priors.get("es_phase"):
+            phases = warp_phases(phases, values["es_phase"], self.priors["es_phase"]["anchor"])
         if 0 < keyframes < len(phases):
             keys = self.sample_motion(z_ed, n_slices, motion_cond, [k / keyframes for k in range(keyframes)],
                                       generator, motion_steps, motion_guidance, motion_sampler)  # (K, C, X, Y, Z)

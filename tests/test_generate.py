@@ -400,3 +400,70 @@ def test_sampler_options_resolve_per_model(monkeypatch):
                 {"guidance": float("nan")}):
         with pytest.raises(UserError):
             Sampling(**bad)
+
+
+def test_es_phase_warps_the_motion_cycle(tiny_weights, monkeypatch):
+    """An asked-for ES phase reaches the motion model as a warped cycle: the model's ES (the prior's anchor)
+    at the asked phase, ED untouched; without an ES phase the phases are the plain ones."""
+    from synth4d.cine.priors import warp_phases
+    from synth4d.jobs.synthesize import Sampling, load
+    model = load(tiny_weights)
+    anchor = model.chain.priors["es_phase"]["anchor"]
+    assert 0.2 < anchor < 0.5   # the tiny phantom's ES phases
+    asked = []
+    real = model.chain.sample_motion
+    monkeypatch.setattr(model.chain, "sample_motion", lambda z, n, c, phases, *a: asked.append(list(phases)) or real(z, n, c, phases, *a))
+    subject = model.generate(dx="NOR", frames=6, es_phase=0.5, sampling=Sampling(steps=2, keyframes=0))
+    assert subject.values["es_phase"] == 0.5
+    assert np.allclose(asked[-1], warp_phases([t / 6 for t in range(6)], 0.5, anchor)) and asked[-1][3] == pytest.approx(anchor)
+    chain_values = dict(subject.values, es_phase=None)
+    model.chain.generate(chain_values, chain_values["slices"], [t / 6 for t in range(6)], 0, steps=2)
+    assert np.allclose(asked[-1], [t / 6 for t in range(6)])
+
+
+def test_es_phase_in_requests_and_manifest(tiny_weights, tmp_path):
+    table = tmp_path / "c.csv"
+    table.write_text("dx,es_phase\nNOR,0.45\nHCM,\n")
+    result = run_cli("generate", "--weights", tiny_weights, "--conditions", table, "--steps", 2, "--frames", 5, "--json",
+                     tmp_path / "gen")
+    rows = [__import__("json").loads(line) for line in result.stdout.splitlines()]
+    assert rows[0]["es_phase"] == 0.45 and 0.2 < rows[1]["es_phase"] < 0.5   # given, then drawn from the prior
+    with open(tmp_path / "gen" / "manifest.csv", newline="") as f:
+        assert [float(r["es_phase"]) for r in csv.DictReader(f)] == [r["es_phase"] for r in rows]
+    table.write_text("dx,es_phase\nNOR,0.9\n")
+    proc = subprocess.run([sys.executable, "-m", "synth4d", "generate", "--weights", str(tiny_weights), "--conditions",
+                           str(table), str(tmp_path / "bad")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "c.csv" in proc.stderr and "line 2" in proc.stderr and "es_phase" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_es_phase_refused_by_weights_without_its_prior(tiny_weights, tmp_path):
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    old = tmp_path / "old"
+    old.mkdir()
+    for stage in ("vae", "motion"):
+        (old / f"{stage}.safetensors").write_bytes((tiny_weights / f"{stage}.safetensors").read_bytes())
+    with safe_open(str(tiny_weights / "static.safetensors"), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta["priors"] = json.dumps({k: v for k, v in json.loads(meta["priors"]).items() if k != "es_phase"})
+    save_file(tensors, str(old / "static.safetensors"), metadata=meta)
+    run_cli("generate", "--weights", old, *FAST, tmp_path / "plain")          # weights from before the prior still generate
+    with open(tmp_path / "plain" / "manifest.csv", newline="") as f:
+        assert next(csv.DictReader(f))["es_phase"] == ""
+    proc = subprocess.run([sys.executable, "-m", "synth4d", "generate", "--weights", str(old), "--es-phase", "0.4",
+                           str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 1 and "no ES phase prior" in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_plausibility_wants_the_smallest_lv_in_systole():
+    from synth4d.jobs.synthesize import plausible
+    labels = np.zeros((24, 24, 4, 20), np.uint8)   # 20 frames; every structure on every slice
+    labels[4:20, 4:20], labels[8:20, 8:20], labels[11:17, 11:17] = 1, 2, 3
+    measured = {"lvedv": 100.0, "rvedv": 100.0, "lv_mass": 100.0, "lvef": 60.0}
+    assert plausible(labels, measured, es=7) == ""
+    assert plausible(labels, measured, es=11) == ""                                                # 0.55 of the cycle
+    assert plausible(labels, measured, es=16) == "smallest LV at frame 16 of 20, not in systole"
+    assert plausible(labels, measured, es=2) == "smallest LV at frame 2 of 20, not in systole"   # 0.10 of the cycle
+    assert plausible(labels, measured) == ""                                                       # ES not known

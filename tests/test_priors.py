@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from synth4d.cine import UserError
-from synth4d.cine.priors import check_request, draw, fit_priors
+from synth4d.cine.priors import check_request, draw, fit_es_phase, fit_priors, warp_phases
 
 
 GROUPS = (("NOR", 140, 65), ("DCM", 270, 28), ("HCM", 110, 72))   # dx, mean LVEDV (mL), mean LVEF (%)
@@ -87,6 +87,8 @@ def test_draw_is_reproducible_and_unknown_dx_uses_the_mix():
     ({"rvedv": 100.0, "rvesv": 100.0}, "smaller than"),
     ({"lvedv": 100.0, "lvesv": 50.0, "lvef": 20.0}, "disagree"),
     ({"dx": "XYZ"}, "unknown diagnosis"),
+    ({"es_phase": 0.9}, "es_phase must be between"),
+    ({"es_phase": 0.05}, "es_phase must be between"),
 ])
 def test_impossible_requests_are_refused(req, words):
     with pytest.raises(UserError, match=words):
@@ -96,3 +98,48 @@ def test_impossible_requests_are_refused(req, words):
 def test_fit_needs_data():
     with pytest.raises(UserError):
         fit_priors(_records(n=1)[:1])
+
+
+def _with_es(records, seed=0):
+    """records with an ES phase: DCM's later and wider than the others' (a made-up difference to find)."""
+    rng = np.random.default_rng(seed)
+    return [{**r, "es_phase": rng.normal(0.42, 0.04) if r["dx"] == "DCM" else rng.normal(0.33, 0.02)} for r in records]
+
+
+def test_es_phase_prior_fitted_per_diagnosis():
+    records = _with_es(_records(n=40))
+    es = fit_priors(records)["es_phase"]
+    ref = np.array([r["es_phase"] for r in records if r["dx"] == "DCM"])
+    assert es["dx"]["DCM"]["mean"] == pytest.approx(ref.mean()) and es["dx"]["DCM"]["sd"] == pytest.approx(ref.std(ddof=1))
+    assert es["dx"]["DCM"]["lo"] == ref.min() and es["dx"]["DCM"]["hi"] == ref.max()
+    assert es["anchor"] == pytest.approx(np.mean([r["es_phase"] for r in records]))   # until measured on a model
+    assert "es_phase" not in fit_priors(_records(n=40))                                # data without ES: no prior
+    few = fit_es_phase(records[:40] + records[40:43])   # 3 DCM subjects: the pooled figures, with their own n
+    assert few["dx"]["DCM"]["n"] == 3 and few["dx"]["DCM"]["mean"] == few["all"]["mean"]
+
+
+def test_es_phase_drawn_last_and_within_the_training_range():
+    records = _with_es(_records(n=40))
+    with_es, without = fit_priors(records), fit_priors(_records(n=40))
+    a = [draw(with_es, {"dx": "DCM"}, np.random.default_rng(i)) for i in range(200)]
+    b = [draw(without, {"dx": "DCM"}, np.random.default_rng(i)) for i in range(200)]
+    # The measures of a seed do not change when the weights gain an ES phase prior.
+    assert all({k: v for k, v in x.items() if k != "es_phase"} == y for x, y in zip(a, b))
+    phases = np.array([x["es_phase"] for x in a])
+    q = with_es["es_phase"]["dx"]["DCM"]
+    assert q["lo"] <= phases.min() and phases.max() <= q["hi"]
+    assert abs(phases.mean() - q["mean"]) < 0.01 and 0.7 * q["sd"] < phases.std() < 1.1 * q["sd"]
+    hcm = np.array([draw(with_es, {"dx": "HCM"}, np.random.default_rng(i))["es_phase"] for i in range(200)])
+    assert hcm.mean() < phases.mean() - 0.05
+    assert draw(with_es, {"dx": "NOR", "es_phase": 0.5}, np.random.default_rng(0))["es_phase"] == 0.5
+
+
+def test_warp_phases_moves_the_model_es_onto_the_asked_one():
+    T = 30
+    out = np.arange(T) / T
+    warped = np.array(warp_phases(out, es_phase=0.4, anchor=1 / 3))
+    assert warped[0] == 0 and np.all(np.diff(warped) > 0) and warped[-1] < 1      # monotone, ED stays ED
+    assert warped[12] == pytest.approx(1 / 3)                                      # output frame 12 (0.4) is the model's ES
+    assert np.allclose(warp_phases(out, 1 / 3, 1 / 3), out)                        # no warp when they agree
+    # Frames before ES share out the model's systole evenly, those after its diastole.
+    assert np.allclose(np.diff(warped[:13]), (1 / 3) / 12) and np.allclose(np.diff(warped[12:]), (2 / 3) / 18)

@@ -1,8 +1,14 @@
 """The measuring scripts in scripts/ (not part of the package): the parts whose mistakes would silently
 change a published figure."""
+import csv
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -55,3 +61,40 @@ def test_every_job_samples_the_same_way(tmp_path, monkeypatch):
     rows = [(out / f"requests_{j}.csv").read_text().split()[1:] for j in range(3)]
     assert [len(r) for r in rows] == [4, 4, 2] and rows[1][0] == table.DIAGNOSES[4 % len(table.DIAGNOSES)]
     assert result["timing"]["subjects"] == 10 and result["fvd_vae"] == 1.0
+
+
+def test_es_phase_prior_added_to_older_weights(tiny_weights, tiny_phantom, tmp_path, monkeypatch):
+    """scripts/es_phase_prior.py gives a static checkpoint from before the ES phase prior the prior training
+    now fits, with the anchor measured on a generated folder, and keeps its tensors."""
+    runs = tiny_weights.parent
+    old = tmp_path / "old"
+    old.mkdir()
+    for stage in ("vae", "motion"):
+        (old / f"{stage}.safetensors").write_bytes((tiny_weights / f"{stage}.safetensors").read_bytes())
+    with safe_open(str(tiny_weights / "static.safetensors"), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    trained = json.loads(meta["priors"])
+    meta["priors"] = json.dumps({k: v for k, v in trained.items() if k != "es_phase"})
+    save_file(tensors, str(old / "static.safetensors"), metadata=meta)
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    with open(gen / "manifest.csv", "w", newline="") as f:   # ES at frames 10, 10, 11 of 30; one implausible
+        w = csv.writer(f)
+        w.writerow(["id", "plausible", "es", "frames", "es_phase"])
+        w.writerows([["a", "yes", 10, 30, ""], ["b", "yes", 10, 30, ""], ["c", "yes", 11, 30, ""], ["d", "no LV", 29, 30, ""]])
+    script = load("es_phase_prior")
+    args = [str(tiny_phantom), str(runs / "static"), str(old), "--anchor-from", str(gen), "--cache", str(runs / "cache")]
+    monkeypatch.setattr(sys, "argv", ["es_phase_prior.py", *args])
+    script.main()
+    with safe_open(str(old / "static.safetensors"), framework="pt") as f:
+        got = json.loads(f.metadata()["priors"])
+        assert all(f.get_tensor(k).equal(v) for k, v in tensors.items())
+    assert got["es_phase"]["anchor"] == 10 / 30 and got["es_phase"]["anchor_measured_on"] == 3
+    assert got["es_phase"]["all"] == trained["es_phase"]["all"] and got["dx"] == trained["dx"]
+    # A checkpoint whose measure prior other data gave is refused, and left as it was.
+    meta["priors"] = json.dumps({**json.loads(meta["priors"]), "all": {**trained["all"], "n": 999}})
+    save_file(tensors, str(old / "static.safetensors"), metadata=meta)
+    before = (old / "static.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="not the one these training subjects give"):
+        script.main()
+    assert (old / "static.safetensors").read_bytes() == before
