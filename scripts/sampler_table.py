@@ -8,8 +8,10 @@ sampler:steps:keyframes:seed[:precision] (precision as `generate --precision`, a
 if not given; sampler and steps may each be STATIC/MOTION, e.g. ddim/dpmpp_2m:25/8:12:0 for
 `--sampler ddim --steps 25 --motion-sampler dpmpp_2m --motion-steps 8`). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
 everything else drawn from the prior; the same seed draws the same requests, so settings with one seed
-are paired, and two seeds of one setting measure the run-to-run noise. It prints figures and asserts
-nothing. Generation runs as `jobs` CLI processes with one thread each, side by side.
+are paired, and two seeds of one setting measure the run-to-run noise. Settings with the first setting's
+seed are also compared with it subject by subject (`paired`): the difference in the r and MAE of each
+measure and in the image change per frame, with a 95 % interval from resampling subjects. It prints
+figures and asserts nothing. Generation runs as `jobs` CLI processes with one thread each, side by side.
 """
 from __future__ import annotations
 
@@ -116,6 +118,58 @@ def beyond_noise(results: dict, reference: str, repeat: str) -> dict:
     return out
 
 
+def per_subject(folder: Path, grid) -> dict:
+    """id -> one generated subject's figures: requested and measured measures (its manifest row) and its image
+    change per frame (as `eval --coherence` computes it, on `grid`). Cached in folder/per_subject.json."""
+    import csv
+    import numpy as np
+    from synth4d.cine.datasets import scan
+    from synth4d.cine.prep import prepare_subject
+    cache = folder / "per_subject.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    with open(folder / "manifest.csv", newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    out = {}
+    for s in scan(folder).load_each(f"per subject ({folder.name})"):
+        p = prepare_subject(s, grid)
+        img = p.image[:, :, :p.n_slices]
+        step = np.abs(np.roll(img, -1, axis=3) - img).mean(axis=(0, 1, 2), dtype=np.float64)
+        r = rows[s.id]
+        out[s.id] = {"image change": float(step.mean()),
+                     **{f"{w} {k}": float(r[f"{w}_{k}"] or "nan") for k in MEASURES for w in ("requested", "measured")}}
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def paired(a: dict, b: dict, boot: int = 4000, seed: int = 0) -> dict:
+    """b - a for two per_subject() sets generated from the same requests and seeds, over the subjects both
+    have: {figure: (difference, low, high)}, the 95 % interval from resampling subjects (the same subjects
+    for both sets each time). Figures: r and MAE of each measure, the mean image change per frame."""
+    import numpy as np
+    from synth4d.cine.metrics import mae, pearson
+    ids = sorted(set(a) & set(b))
+
+    def figs(d, idx):
+        sub = [d[ids[i]] for i in idx]
+        out = {"image change": float(np.mean([x["image change"] for x in sub]))}
+        for k in MEASURES:
+            req, got = [x[f"requested {k}"] for x in sub], [x[f"measured {k}"] for x in sub]
+            out[f"{k} r"], out[f"{k} mae"] = pearson(req, got), mae(got, req)
+        return out
+
+    rng = np.random.default_rng(seed)
+    every = np.arange(len(ids))
+    diff = {k: v - figs(a, every)[k] for k, v in figs(b, every).items()}
+    draws = []
+    for _ in range(boot):
+        idx = rng.integers(0, len(ids), len(ids))
+        fa, fb = figs(a, idx), figs(b, idx)
+        draws.append({k: fb[k] - fa[k] for k in fa})
+    return {k: (d, float(np.percentile([x[k] for x in draws], 2.5)), float(np.percentile([x[k] for x in draws], 97.5)))
+            for k, d in diff.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("real", type=Path)
@@ -137,6 +191,19 @@ def main():
     print("|" + "---|" * len(head))
     for setting, r in results.items():
         print(row(setting, r))
+    reference = args.settings[0]
+    same_seed = [x for x in args.settings[1:] if x.split(":")[3] == reference.split(":")[3]]
+    if same_seed:
+        from synth4d.weights.checkpoint import load_vae
+        from synth4d.weights import DIR
+        grid = load_vae((args.weights or DIR) / "vae.safetensors", "cpu")[1]["grid"]
+        folder = lambda x: args.runs / x.replace(":", "_").replace("/", "-")   # noqa: E731
+        ref = per_subject(folder(reference), grid)
+        print(f"\npaired with {reference} (same requests and seeds; 95 % interval over subjects, * where it excludes 0):")
+        for setting in same_seed:
+            d = paired(ref, per_subject(folder(setting), grid))
+            print(f"  {setting}: " + "; ".join(f"{k} {v:+.4g} [{lo:+.4g}, {hi:+.4g}]{'*' if lo > 0 or hi < 0 else ''}"
+                                              for k, (v, lo, hi) in d.items()))
     reference, repeat = args.settings[:2]
     if reference.split(":")[:3] == repeat.split(":")[:3] and reference.split(":")[4:] == repeat.split(":")[4:]:
         print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of {reference}:")

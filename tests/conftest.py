@@ -43,6 +43,23 @@ def tiny_weights(tiny_phantom, tmp_path_factory):
     return folder
 
 
+def weights_without_es_prior(weights, folder):
+    """A copy of `weights` in `folder` whose static checkpoint lacks the ES phase prior, as checkpoints
+    trained before it do -> (static metadata, static tensors, the original priors)."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    folder.mkdir()
+    for stage in ("vae", "motion"):
+        (folder / f"{stage}.safetensors").write_bytes((weights / f"{stage}.safetensors").read_bytes())
+    with safe_open(str(weights / "static.safetensors"), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    priors = json.loads(meta["priors"])
+    meta["priors"] = json.dumps({k: v for k, v in priors.items() if k != "es_phase"})
+    save_file(tensors, str(folder / "static.safetensors"), metadata=meta)
+    return meta, tensors, priors
+
+
 def fails_at(k, real, error):
     """`real` wrapped to raise `error` on its k-th call (1-based) and behave as itself otherwise."""
     calls = []

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from synth4d.cine import UserError, nifti
 from synth4d.cine.datasets import scan
 from synth4d import cli
-from tests.conftest import fails_at, run_cli
+from tests.conftest import fails_at, run_cli, weights_without_es_prior
 
 FAST = ["--frames", "5", "--steps", "3"]
 
@@ -438,17 +438,8 @@ def test_es_phase_in_requests_and_manifest(tiny_weights, tmp_path):
 
 
 def test_es_phase_refused_by_weights_without_its_prior(tiny_weights, tmp_path):
-    import json
-    from safetensors import safe_open
-    from safetensors.torch import save_file
     old = tmp_path / "old"
-    old.mkdir()
-    for stage in ("vae", "motion"):
-        (old / f"{stage}.safetensors").write_bytes((tiny_weights / f"{stage}.safetensors").read_bytes())
-    with safe_open(str(tiny_weights / "static.safetensors"), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    meta["priors"] = json.dumps({k: v for k, v in json.loads(meta["priors"]).items() if k != "es_phase"})
-    save_file(tensors, str(old / "static.safetensors"), metadata=meta)
+    weights_without_es_prior(tiny_weights, old)
     run_cli("generate", "--weights", old, *FAST, tmp_path / "plain")          # weights from before the prior still generate
     with open(tmp_path / "plain" / "manifest.csv", newline="") as f:
         assert next(csv.DictReader(f))["es_phase"] == ""

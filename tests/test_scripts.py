@@ -10,6 +10,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tests.conftest import weights_without_es_prior
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -68,14 +70,7 @@ def test_es_phase_prior_added_to_older_weights(tiny_weights, tiny_phantom, tmp_p
     now fits, with the anchor measured on a generated folder, and keeps its tensors."""
     runs = tiny_weights.parent
     old = tmp_path / "old"
-    old.mkdir()
-    for stage in ("vae", "motion"):
-        (old / f"{stage}.safetensors").write_bytes((tiny_weights / f"{stage}.safetensors").read_bytes())
-    with safe_open(str(tiny_weights / "static.safetensors"), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
-    trained = json.loads(meta["priors"])
-    meta["priors"] = json.dumps({k: v for k, v in trained.items() if k != "es_phase"})
-    save_file(tensors, str(old / "static.safetensors"), metadata=meta)
+    meta, tensors, trained = weights_without_es_prior(tiny_weights, old)
     gen = tmp_path / "gen"
     gen.mkdir()
     with open(gen / "manifest.csv", "w", newline="") as f:   # ES at frames 10, 10, 11 of 30; one implausible
@@ -98,3 +93,28 @@ def test_es_phase_prior_added_to_older_weights(tiny_weights, tiny_phantom, tmp_p
     with pytest.raises(SystemExit, match="not the one these training subjects give"):
         script.main()
     assert (old / "static.safetensors").read_bytes() == before
+
+
+def test_paired_differences_against_numpy():
+    """paired(): the full-sample difference of each figure, and an interval that excludes 0 for a shift every
+    subject shares and includes it for pure noise."""
+    import numpy as np
+    table = load("sampler_table")
+    rng = np.random.default_rng(0)
+    a, b, c = {}, {}, {}
+    for i in range(60):
+        base = {f"requested {k}": float(rng.uniform(30, 200)) for k in table.MEASURES}
+        measured = {f"measured {k}": base[f"requested {k}"] + float(rng.normal(0, 10)) for k in table.MEASURES}
+        change = float(rng.uniform(0.01, 0.02))
+        a[f"s{i}"] = {**base, **measured, "image change": change}
+        b[f"s{i}"] = {**base, **measured, "image change": change - 0.0005}             # less motion, all else equal
+        c[f"s{i}"] = {**base, **{k: v + float(rng.normal(0, 10)) for k, v in measured.items()}, "image change": change}
+    d = table.paired(a, b, boot=500)
+    assert d["image change"][0] == pytest.approx(-0.0005) and d["image change"][2] < 0              # excludes 0
+    assert all(d[f"{k} r"] == (0.0, 0.0, 0.0) for k in table.MEASURES)
+    e = table.paired(a, c, boot=500)
+    ids = sorted(a)
+    req = [a[i]["requested lvef"] for i in ids]
+    assert e["lvef r"][0] == pytest.approx(np.corrcoef(req, [c[i]["measured lvef"] for i in ids])[0, 1]
+                                           - np.corrcoef(req, [a[i]["measured lvef"] for i in ids])[0, 1])
+    assert e["lvef mae"][1] < e["lvef mae"][0] < e["lvef mae"][2] and e["image change"] == (0.0, 0.0, 0.0)
