@@ -189,6 +189,13 @@ def ssim(x, y, data_range) -> float:
 
 # ---- coherence -----------------------------------------------------------------------------
 
+def frame_change(cycle) -> np.ndarray:
+    """Mean absolute intensity change from each frame to the next of a cycle (X, Y, Z, T), the last
+    frame to the first included -> (T,) float64: the image change per frame of `eval --coherence`."""
+    cycle = np.asarray(cycle)
+    return np.abs(np.roll(cycle, -1, axis=3) - cycle).mean(axis=(0, 1, 2), dtype=np.float64)
+
+
 def temporal_smoothness(curve) -> float:
     """Mean |second difference| of a periodic curve (T,) divided by its range; 0 for a flat curve.
 

@@ -26,7 +26,8 @@ from synth4d.cine import LABELS, DataError, UserError
 from synth4d.cine.datasets import scan
 from synth4d.cine.diagnosis import CRITERIA, NOT_CHECKED, meets
 from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve, wall_thickness
-from synth4d.cine.metrics import bias, components_per_slice, dice, hd95, mae, pearson, psnr, ssim, temporal_smoothness
+from synth4d.cine.metrics import (bias, components_per_slice, dice, frame_change, hd95, mae, pearson, psnr, ssim,
+                                  temporal_smoothness)
 from synth4d.cine.prep import prepare_subject, to_source
 from synth4d.jobs.compact import FitSettings
 from synth4d.jobs.downstream import downstream as run_downstream
@@ -270,7 +271,7 @@ def coherence_stats(ds, grid, generated: bool) -> dict:
                 present[i] += np.sum(counts > 0)
         p = prepare_subject(s, grid)
         img = p.image[:, :, :p.n_slices]
-        step = np.abs(np.roll(img, -1, axis=3) - img).mean(axis=(0, 1, 2), dtype=np.float64)  # (T,) t -> t + 1
+        step = frame_change(img)                                                        # (T,) t -> t + 1
         change.append(step.mean())
         change_smooth.append(temporal_smoothness(step))
     return {"subjects": len(frames), "frames_mean": float(np.mean(frames)), "full_cycle_masks": len(lv_smooth),
@@ -317,7 +318,7 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
                 per[kind][c]["hd95"].append(hd95(pred == c, truth == c, p.spacing))
         if len(images) > 1:
             for key, cycle in (("decoded", np.stack(images, axis=3)), ("real", p.image[:, :, :p.n_slices])):
-                changes[key].append(np.abs(np.roll(cycle, -1, axis=3) - cycle).mean(dtype=np.float64))
+                changes[key].append(frame_change(cycle).mean())
         if p.es is not None and {p.ed, p.es} <= set(decoded) and p.ed != p.es:
             n = p.n_slices
             got = clinical_measures(decoded[p.ed], decoded[p.es], p.spacing)

@@ -202,7 +202,7 @@ class Synthesizer:
         """One subject with diagnosis `dx` and any of the measures (lvedv=..., lvef=..., see
         cine.measures.MEASURES) and es_phase (ES after ED as a fraction of the cycle) given; what is not
         given is drawn from the prior."""
-        unknown = sorted(set(measures) - set(MEASURES) - {"es_phase"})
+        unknown = sorted(set(measures) - set(REQUESTABLE))
         if unknown:
             raise UserError(f"unknown condition(s) {', '.join(unknown)}; known: {', '.join(REQUESTABLE)}")
         request = {"dx": dx.upper() if dx else None, **{k: v for k, v in measures.items() if v is not None},

@@ -52,8 +52,7 @@ def main():
     train_ids, _ = read_split(args.run, by_id)
     labelled = [by_id[i].values() for i in train_ids if set(FIELDS) <= set(by_id[i].values())]
     refit = fit_priors(labelled)
-    same = _same(refit, stored)
-    if not same:
+    if not _same(refit, stored):
         raise SystemExit(f"{path}: its measure prior is not the one these training subjects give; wrong DATA or RUN")
     es = refit["es_phase"]
     es["anchor"], n = measured_anchor(args.anchor_from)

@@ -122,8 +122,8 @@ def per_subject(folder: Path, grid) -> dict:
     """id -> one generated subject's figures: requested and measured measures (its manifest row) and its image
     change per frame (as `eval --coherence` computes it, on `grid`). Cached in folder/per_subject.json."""
     import csv
-    import numpy as np
     from synth4d.cine.datasets import scan
+    from synth4d.cine.metrics import frame_change
     from synth4d.cine.prep import prepare_subject
     cache = folder / "per_subject.json"
     if cache.exists():
@@ -133,10 +133,8 @@ def per_subject(folder: Path, grid) -> dict:
     out = {}
     for s in scan(folder).load_each(f"per subject ({folder.name})"):
         p = prepare_subject(s, grid)
-        img = p.image[:, :, :p.n_slices]
-        step = np.abs(np.roll(img, -1, axis=3) - img).mean(axis=(0, 1, 2), dtype=np.float64)
         r = rows[s.id]
-        out[s.id] = {"image change": float(step.mean()),
+        out[s.id] = {"image change": float(frame_change(p.image[:, :, :p.n_slices]).mean()),
                      **{f"{w} {k}": float(r[f"{w}_{k}"] or "nan") for k in MEASURES for w in ("requested", "measured")}}
     cache.write_text(json.dumps(out))
     return out
@@ -158,16 +156,14 @@ def paired(a: dict, b: dict, boot: int = 4000, seed: int = 0) -> dict:
             out[f"{k} r"], out[f"{k} mae"] = pearson(req, got), mae(got, req)
         return out
 
-    rng = np.random.default_rng(seed)
-    every = np.arange(len(ids))
-    diff = {k: v - figs(a, every)[k] for k, v in figs(b, every).items()}
-    draws = []
-    for _ in range(boot):
-        idx = rng.integers(0, len(ids), len(ids))
+    def difference(idx):
         fa, fb = figs(a, idx), figs(b, idx)
-        draws.append({k: fb[k] - fa[k] for k in fa})
-    return {k: (d, float(np.percentile([x[k] for x in draws], 2.5)), float(np.percentile([x[k] for x in draws], 97.5)))
-            for k, d in diff.items()}
+        return {k: fb[k] - fa[k] for k in fa}
+
+    rng = np.random.default_rng(seed)
+    diff = difference(np.arange(len(ids)))
+    draws = [difference(rng.integers(0, len(ids), len(ids))) for _ in range(boot)]
+    return {k: (d, *(float(q) for q in np.percentile([x[k] for x in draws], [2.5, 97.5]))) for k, d in diff.items()}
 
 
 def main():
