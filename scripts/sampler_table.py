@@ -200,6 +200,8 @@ def main():
             d = paired(ref, per_subject(folder(setting), grid))
             print(f"  {setting}: " + "; ".join(f"{k} {v:+.4g} [{lo:+.4g}, {hi:+.4g}]{'*' if lo > 0 or hi < 0 else ''}"
                                               for k, (v, lo, hi) in d.items()))
+    if len(args.settings) < 2:
+        return
     reference, repeat = args.settings[:2]
     if reference.split(":")[:3] == repeat.split(":")[:3] and reference.split(":")[4:] == repeat.split(":")[4:]:
         print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of {reference}:")

@@ -65,6 +65,18 @@ def test_every_job_samples_the_same_way(tmp_path, monkeypatch):
     assert result["timing"]["subjects"] == 10 and result["fvd_vae"] == 1.0
 
 
+def test_one_setting_prints_its_row(tmp_path, monkeypatch, capsys):
+    """A single setting (no seed pair to measure noise with, nothing to pair with) prints its row and ends
+    cleanly (a regression: it once failed unpacking a second setting after printing the table)."""
+    table = load("sampler_table")
+    monkeypatch.setattr(table, "run_setting", lambda real, out, setting, n, jobs, weights: {"setting": setting})
+    monkeypatch.setattr(table, "row", lambda setting, r: f"| {r['setting']} |")
+    monkeypatch.setattr(sys, "argv", ["sampler_table.py", str(tmp_path / "real"), str(tmp_path / "runs"),
+                                      "--settings", "ddim/dpmpp_2m:25/8:12:0"])
+    table.main()
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "| ddim/dpmpp_2m:25/8:12:0 |"
+
+
 def test_es_phase_prior_added_to_older_weights(tiny_weights, tiny_phantom, tmp_path, monkeypatch):
     """scripts/es_phase_prior.py gives a static checkpoint from before the ES phase prior the prior training
     now fits, with the anchor measured on a generated folder, and keeps its tensors."""
