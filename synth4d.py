@@ -23,6 +23,7 @@ if __name__ == "synth4d":
 
 from synth4d.cine import DataError, UserError  # noqa: E402  (needs __path__)
 from synth4d.cine.measures import MEASURES  # noqa: E402
+from synth4d.cine.priors import ES_PHASE_RANGE  # noqa: E402
 PRESET_NAMES = ("tiny", "cpu", "paper")
 DATA = click.Path(exists=True, file_okay=False, path_type=Path)
 DEVICE = click.option("--device", default="auto", show_default=True,
@@ -283,7 +284,7 @@ def _prior_options(f):
 @click.option("--dx", default=None, help="Diagnosis: NOR, DCM, HCM, MINF, RV (those the weights know) [drawn from the training mix].")
 @click.option("--n", "n", type=click.IntRange(min=1), default=1, show_default=True, help="Number of subjects.")
 @_prior_options
-@click.option("--es-phase", "es_phase", type=click.FloatRange(0.15, 0.55), default=None,
+@click.option("--es-phase", "es_phase", type=click.FloatRange(*ES_PHASE_RANGE), default=None,
               help="End-systole as a fraction of the cycle after ED (e.g. 0.35: frame 10.5 of 30); drawn from the "
                    "diagnosis prior if not given.")
 @click.option("--conditions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

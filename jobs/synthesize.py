@@ -221,7 +221,8 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
     v = subject.values
     row = {"id": sid, "seed": subject.seed, "attempts": subject.attempts, "plausible": subject.plausible,
            "dx": v["dx"] or "", "ed": 0, "es": subject.es,
-           "es_phase": round(v["es_phase"], 4) if v.get("es_phase") is not None else "", "frames": subject.image.shape[3], "slices": v["slices"],
+           "es_phase": round(v["es_phase"], 4) if v.get("es_phase") is not None else "",
+           "frames": subject.image.shape[3], "slices": v["slices"],
            "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
            "motion_sampler": sampling.motion_sampler, "motion_steps": sampling.motion_steps, "guidance": sampling.guidance,
            "motion_guidance": sampling.motion_guidance, "keyframes": sampling.keyframes, "precision": subject.precision}
