@@ -124,7 +124,8 @@ def _names(i, layout, prefix=None):
 def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler=None, steps=None,
              guidance=None, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
              prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, shard=None,
-             motion_sampler=None, motion_steps=None, motion_guidance=None, **given):
+             motion_sampler=None, motion_steps=None, motion_guidance=None, guided_fraction=None,
+             motion_guided_fraction=None, **given):
     """Generate subjects start .. start + n - 1 into `out` (only shard K of N of them with shard="K/N");
     yields one manifest row (dict) per subject."""
     out = Path(out)
@@ -143,7 +144,8 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
                 raise
             raise DataError(conditions, f"line {line}: {e}") from None
         requests.append(req)
-    sampling = Sampling(sampler, steps, guidance, keyframes, motion_sampler, motion_steps, motion_guidance)
+    sampling = Sampling(sampler, steps, guidance, keyframes, motion_sampler, motion_steps, motion_guidance,
+                        guided_fraction, motion_guided_fraction)
     _check_output(out)
     identity = weights_identity(weights)
 
@@ -212,6 +214,8 @@ def _request_id(req, sampling, identity, seed, index, labels="acdc", output: Out
     """A digest of everything that makes subject `index`: the request, the sampling, the weights, the seed
     (and the label order and output grid, when not the defaults)."""
     how = dataclasses.asdict(sampling)
+    if how["guided_fraction"] == how["motion_guided_fraction"] == 1.0:   # as before guided fractions existed
+        del how["guided_fraction"], how["motion_guided_fraction"]
     if sampling.shared():   # both models alike: the digest manifests had before the motion model's own settings
         del how["motion_sampler"], how["motion_steps"], how["motion_guidance"]
     parts = [req, how, identity, seed, index] + ([labels] if labels != "acdc" else [])
@@ -237,7 +241,8 @@ def sidecar(row: dict, subject: Synthetic, labels: str) -> dict:
             **measures, "given": [k for k in MEASURES if row[f"given_{k}"]],
             "seed": row["seed"], "attempts": row["attempts"], "plausible": row["plausible"],
             "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "motion_sampler", "motion_steps",
-                                             "motion_guidance", "keyframes", "precision")},
+                                             "motion_guidance", "guided_fraction", "motion_guided_fraction",
+                                             "keyframes", "precision")},
             "weights": row["weights"], "request": row["request"],
             "frames": row["frames"], "ed": row["ed"], "es": row["es"],
             "spacing_mm": list(subject.geometry.spacing), "frame_ms": subject.geometry.frame_ms,
@@ -288,7 +293,7 @@ def _preview(out, image_rel: Path, subject: Synthetic) -> Path:
 
 
 INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "motion_steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
-FLOAT_COLUMNS = {"slice_mm", "es_phase", "guidance", "motion_guidance", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
+FLOAT_COLUMNS = {"slice_mm", "es_phase", "guidance", "motion_guidance", "guided_fraction", "motion_guided_fraction", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
 
 
 def _typed(row: dict) -> dict:

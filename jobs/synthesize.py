@@ -35,16 +35,20 @@ MAX_FRAMES = 200
 DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = {"ddim": 25, "dpmpp_2m": 15}   # per sampler, when steps are not given
 DEFAULT_GUIDANCE = 2.0
-DEFAULT_MOTION = ("dpmpp_2m", 8, 2.0)   # (sampler, steps, guidance) of the motion model when none of the three is given
+DEFAULT_GUIDED = 0.5    # the fraction of the static model's steps (the noisiest) that are guided: 12 of 25
+DEFAULT_MOTION = ("dpmpp_2m", 8, 2.0, 0.25)  # (sampler, steps, guidance, guided fraction: 2 of 8) of the motion model
+                                             # when none of the static model's four is given
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the chain samples: the sampler (nets.diffusion.SAMPLERS), its steps and the classifier-free guidance
-    scale, and the motion keyframes (0: every frame). A given sampler, steps or guidance apply to both models
-    unless motion_sampler / motion_steps / motion_guidance say otherwise; with none of the three given, the
-    static model runs DEFAULT_SAMPLER, DEFAULT_STEPS and DEFAULT_GUIDANCE and the motion model DEFAULT_MOTION.
-    None means "the default"; the fields hold the resolved values after construction."""
+    """How the chain samples: the sampler (nets.diffusion.SAMPLERS), its steps, the classifier-free guidance
+    scale and the fraction of the steps, the noisiest, that are guided (the others run the conditional branch
+    alone: nets.diffusion.guidance_at), and the motion keyframes (0: every frame). A given sampler, steps,
+    guidance or guided fraction apply to both models unless the motion_ fields say otherwise; with none of the
+    four given, the static model runs DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE and DEFAULT_GUIDED and
+    the motion model DEFAULT_MOTION. None means "the default"; the fields hold the resolved values after
+    construction."""
 
     sampler: str | None = None
     steps: int | None = None
@@ -53,6 +57,8 @@ class Sampling:
     motion_sampler: str | None = None
     motion_steps: int | None = None
     motion_guidance: float | None = None
+    guided_fraction: float | None = None
+    motion_guided_fraction: float | None = None
 
     def __post_init__(self):
         for name in (self.sampler, self.motion_sampler):
@@ -64,36 +70,56 @@ class Sampling:
         for g in (self.guidance, self.motion_guidance):
             if g is not None and not (math.isfinite(g) and g >= 0):
                 raise UserError(f"guidance must be a finite number >= 0, got {g}")
-        given = any(v is not None for v in (self.sampler, self.steps, self.guidance))
+        for f in (self.guided_fraction, self.motion_guided_fraction):
+            if f is not None and not (math.isfinite(f) and 0 <= f <= 1):
+                raise UserError(f"the guided fraction of the steps must be between 0 and 1, got {f}")
+        given = any(v is not None for v in (self.sampler, self.steps, self.guidance, self.guided_fraction))
         sampler = self.sampler or DEFAULT_SAMPLER
         steps = self.steps or DEFAULT_STEPS[sampler]
         guidance = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
-        motion = (sampler, steps, guidance) if given or DEFAULT_MOTION is None else DEFAULT_MOTION
+        # A given sampler, steps or guidance without a fraction guide every step (--sampler ddim --steps 25 is DDIM 25)
+        guided = self.guided_fraction if self.guided_fraction is not None else 1.0 if given else DEFAULT_GUIDED
+        motion = (sampler, steps, guidance, guided) if given else DEFAULT_MOTION
         motion_sampler = self.motion_sampler or motion[0]
         motion_steps = (self.motion_steps or self.steps
                         or (motion[1] if motion_sampler == motion[0] else DEFAULT_STEPS[motion_sampler]))
         motion_guidance = motion[2] if self.motion_guidance is None else self.motion_guidance
+        motion_guided = motion[3] if self.motion_guided_fraction is None else self.motion_guided_fraction
         for k, v in (("sampler", sampler), ("steps", steps), ("guidance", float(guidance)),
                      ("motion_sampler", motion_sampler), ("motion_steps", motion_steps),
-                     ("motion_guidance", float(motion_guidance))):
+                     ("motion_guidance", float(motion_guidance)), ("guided_fraction", float(guided)),
+                     ("motion_guided_fraction", float(motion_guided))):
             object.__setattr__(self, k, v)
 
+    @staticmethod
+    def guided_steps(fraction: float, steps: int) -> int:
+        """How many of `steps` steps a guided fraction covers, rounded down (0.5 of 25: 12)."""
+        return min(steps, math.floor(fraction * steps + 1e-9))
+
     def describe(self) -> str:
-        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2; motion dpmpp_2m 8 steps, guidance 1"."""
-        static = f"{self.sampler} {self.steps} steps, guidance {self.guidance:g}"
-        motion = f"{self.motion_sampler} {self.motion_steps} steps, guidance {self.motion_guidance:g}"
+        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2; motion dpmpp_2m 8 steps, guidance 2
+        on the first 4 steps"."""
+        def one(sampler, steps, guidance, fraction):
+            guided = self.guided_steps(fraction, steps)
+            return (f"{sampler} {steps} steps, guidance {guidance:g}"
+                    + (f" on the first {guided} step{'s' if guided != 1 else ''}" if guided < steps and guidance != 1
+                       else ""))
+        static = one(self.sampler, self.steps, self.guidance, self.guided_fraction)
+        motion = one(self.motion_sampler, self.motion_steps, self.motion_guidance, self.motion_guided_fraction)
         return static if static == motion else f"static {static}; motion {motion}"
 
     def chain_args(self) -> dict:
         """The keyword arguments of Generator4D.generate that these settings fill."""
         return {"steps": self.steps, "guidance": self.guidance, "keyframes": self.keyframes, "sampler": self.sampler,
                 "motion_sampler": self.motion_sampler, "motion_steps": self.motion_steps,
-                "motion_guidance": self.motion_guidance}
+                "motion_guidance": self.motion_guidance,
+                "guided_steps": self.guided_steps(self.guided_fraction, self.steps),
+                "motion_guided_steps": self.guided_steps(self.motion_guided_fraction, self.motion_steps)}
 
     def shared(self) -> bool:
-        """Whether both models sample alike (sampler, steps and guidance)."""
-        return ((self.sampler, self.steps, self.guidance)
-                == (self.motion_sampler, self.motion_steps, self.motion_guidance))
+        """Whether both models sample alike (sampler, steps, guidance and guided fraction)."""
+        return ((self.sampler, self.steps, self.guidance, self.guided_fraction)
+                == (self.motion_sampler, self.motion_steps, self.motion_guidance, self.motion_guided_fraction))
 
 
 @dataclass
@@ -225,7 +251,9 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
            "frames": subject.image.shape[3], "slices": v["slices"],
            "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
            "motion_sampler": sampling.motion_sampler, "motion_steps": sampling.motion_steps, "guidance": sampling.guidance,
-           "motion_guidance": sampling.motion_guidance, "keyframes": sampling.keyframes, "precision": subject.precision}
+           "motion_guidance": sampling.motion_guidance, "guided_fraction": sampling.guided_fraction,
+           "motion_guided_fraction": sampling.motion_guided_fraction, "keyframes": sampling.keyframes,
+           "precision": subject.precision}
     for k in MEASURES:
         m = float(subject.measured[k])
         row[f"requested_{k}"] = round(v[k], 3)

@@ -123,15 +123,25 @@ def _guided(model_fn, x, t, guidance, cond, uncond):
     return out_uncond + guidance * (out_cond - out_uncond)  # Ho & Salimans Eq. 6 (w + 1 = guidance)
 
 
+def guidance_at(i: int, guidance: float, guided_steps: int | None) -> float:
+    """The guidance scale of step i (0 = the noisiest): `guidance` on the first guided_steps steps, 1 (the
+    conditional branch alone, one forward instead of two) after them; None: every step.
+
+    Guidance in a limited interval (Kynkaanniemi et al. 2024) leaves the low-noise steps unguided: by then the
+    sample's layout, which guidance steers, is set, and these steps refine detail."""
+    return guidance if guided_steps is None or i < guided_steps else 1.0
+
+
 @torch.no_grad()
 def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, guidance: float = 1.0,
-                cond=None, uncond=None, pred: str = "v", timesteps=None) -> torch.Tensor:
+                cond=None, uncond=None, pred: str = "v", timesteps=None, guided_steps: int | None = None) -> torch.Tensor:
     """Deterministic DDIM (Song et al. Eq. 12, eta = 0) from caller-supplied noise x_T to x0, with
     classifier-free guidance.
 
     model_fn(x_t, t, cond) -> eps or v (per `pred`); t is (B,) long. guidance == 1 runs the conditional
     branch only; otherwise cond and uncond go through ONE batched forward. timesteps: another descending step
-    grid than ddim_timesteps(sched, steps) (diagnostics compare grids).
+    grid than ddim_timesteps(sched, steps) (diagnostics compare grids). guided_steps: guidance on the first
+    guided_steps steps only (guidance_at); None: on every step.
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
@@ -140,7 +150,8 @@ def ddim_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 25, g
     B = x.shape[0]
     for i, step in enumerate(timesteps):
         t = torch.full((B,), step, dtype=torch.long, device=x.device)
-        x0_pred, eps = pred_to_x0_eps(x, t, _guided(model_fn, x, t, guidance, cond, uncond), sched, pred)
+        out = _guided(model_fn, x, t, guidance_at(i, guidance, guided_steps), cond, uncond)
+        x0_pred, eps = pred_to_x0_eps(x, t, out, sched, pred)
         abar_prev = float(sched.alphas_cumprod[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         dir_x_t = math.sqrt(max(1 - abar_prev, 0.0)) * eps   # DDIM Eq. 12, "direction pointing to x_t" (sigma = 0)
         x = math.sqrt(abar_prev) * x0_pred + dir_x_t          # DDIM Eq. 12
@@ -154,14 +165,15 @@ def half_log_snr(abar: float) -> float:
 
 @torch.no_grad()
 def dpmpp_2m_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 15, guidance: float = 1.0,
-                    cond=None, uncond=None, pred: str = "v", timesteps=None) -> torch.Tensor:
+                    cond=None, uncond=None, pred: str = "v", timesteps=None,
+                    guided_steps: int | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2): a second-order multistep solver of the probability-flow
     ODE in the data-prediction parameterisation, for guided sampling in few steps.
 
-    Same signature, timesteps (trailing, ddim_timesteps, unless given) and guidance as ddim_sample. Each step turns the
-    guided output into x0_pred; the first step is first order (it equals a DDIM step), the others combine the
-    last two x0 predictions, and the last step lands on the clean sample (sigma = 0), where the update is
-    x0_pred itself.
+    Same signature, timesteps (trailing, ddim_timesteps, unless given), guidance and guided_steps as ddim_sample.
+    Each step turns the guided output into x0_pred; the first step is first order (it equals a DDIM step), the
+    others combine the last two x0 predictions, and the last step lands on the clean sample (sigma = 0), where
+    the update is x0_pred itself.
     """
     if guidance != 1.0 and uncond is None:
         raise ValueError("guidance != 1 needs the unconditional conditions `uncond`")
@@ -171,7 +183,8 @@ def dpmpp_2m_sample(model_fn, x_T: torch.Tensor, sched: Schedule, steps: int = 1
     x0_last, h_last = None, None
     for i, step in enumerate(timesteps):
         t = torch.full((B,), step, dtype=torch.long, device=x.device)
-        x0_pred, _ = pred_to_x0_eps(x, t, _guided(model_fn, x, t, guidance, cond, uncond), sched, pred)
+        out = _guided(model_fn, x, t, guidance_at(i, guidance, guided_steps), cond, uncond)
+        x0_pred, _ = pred_to_x0_eps(x, t, out, sched, pred)
         if i + 1 == len(timesteps):
             return x0_pred                                   # Eq. (9) with sigma_next = 0, alpha_next = 1
         abar_t, abar_next = float(sched.alphas_cumprod[step]), float(sched.alphas_cumprod[timesteps[i + 1]])

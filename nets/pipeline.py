@@ -65,7 +65,7 @@ class Generator4D:
         return list(self.static.cfg.dx_vocab)
 
     @torch.no_grad()
-    def sample_static(self, cond, generator, steps, guidance, sampler="ddim") -> torch.Tensor:
+    def sample_static(self, cond, generator, steps, guidance, sampler="ddim", guided_steps=None) -> torch.Tensor:
         """cond (batch 1) -> the ED latent (1, C, X, Y, Z)."""
         shape = (1, self.static.cfg.in_ch) + self.latent_size
         x_T = torch.randn(shape, generator=generator).to(self.device)
@@ -74,11 +74,12 @@ class Generator4D:
             with autocast(self.device):
                 return self.static(x, t, c).float()
 
-        return SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance,
-                           cond=cond, uncond=null_conditions(cond, self.static.cond_embed.null_dx), pred=self.pred)
+        return SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance, guided_steps=guided_steps,
+                                 cond=cond, uncond=null_conditions(cond, self.static.cond_embed.null_dx), pred=self.pred)
 
     @torch.no_grad()
-    def sample_motion(self, z_ed, n_slices, cond, phases, generator, steps, guidance, sampler="ddim") -> torch.Tensor:
+    def sample_motion(self, z_ed, n_slices, cond, phases, generator, steps, guidance, sampler="ddim",
+                      guided_steps=None) -> torch.Tensor:
         """z_ED (1, C, X, Y, Z), its real slice count, cond (batch 1), phases (T,) -> latents (T, C, X, Y, Z).
 
         The residual at phase 0 (ED) is zero by construction, and each frame's DDIM path is its own,
@@ -100,7 +101,8 @@ class Generator4D:
                     return self.motion(x, t, c, ctx=ctx.repeat(reps, 1, 1, 1, 1)).float()
 
             residual[todo] = SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=sub,
-                                         uncond=null_conditions(sub, self.motion.cond_embed.null_dx), pred=self.pred)
+                                               uncond=null_conditions(sub, self.motion.cond_embed.null_dx),
+                                               pred=self.pred, guided_steps=guided_steps)
         residual[phases == 0] = 0
         return z_ed + residual / self.residual_scale
 
@@ -120,15 +122,16 @@ class Generator4D:
         return next(self.static.parameters()).device
 
     def generate(self, values: dict, n_slices, phases, seed, steps=25, guidance=2.0, keyframes=0, timings=None,
-                 sampler="ddim", motion_sampler=None, motion_steps=None,
-                 motion_guidance=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 sampler="ddim", motion_sampler=None, motion_steps=None, motion_guidance=None, guided_steps=None,
+                 motion_guided_steps=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One subject: condition values (dx and scalars, see nets.conditions) -> image, labels (X, Y, Z, T).
 
         keyframes > 0 and fewer than the phases asked for: the motion model samples that many evenly
         spaced phases and the residual latents of the others are interpolated along the cycle
         (periodic_interpolate), which divides the motion cost by T / keyframes. sampler: a name in
         nets.diffusion.SAMPLERS, with `steps` network evaluations (times two with guidance) per model;
-        motion_sampler, motion_steps and motion_guidance, when given, are the motion model's own.
+        motion_sampler, motion_steps and motion_guidance, when given, are the motion model's own. guided_steps
+        and motion_guided_steps: guidance on only that many of each model's first (noisiest) steps (None: all).
         values["es_phase"], when given (with weights whose priors have an ES phase anchor): the motion model's
         cycle is warped (cine.priors.warp_phases) so that its ES, at the anchor phase, comes at es_phase.
         """
@@ -138,17 +141,18 @@ class Generator4D:
                                     for norm in (self.static_norm, self.motion_norm))
         generator = torch.Generator().manual_seed(int(seed))
         clock = time.perf_counter()
-        z_ed = self.sample_static(static_cond, generator, steps, guidance, sampler)
+        z_ed = self.sample_static(static_cond, generator, steps, guidance, sampler, guided_steps)
         t1 = time.perf_counter()
         if values.get("es_phase") is not None and self.priors.get("es_phase"):
             phases = warp_phases(phases, values["es_phase"], self.priors["es_phase"]["anchor"])
         if 0 < keyframes < len(phases):
             keys = self.sample_motion(z_ed, n_slices, motion_cond, [k / keyframes for k in range(keyframes)],
-                                      generator, motion_steps, motion_guidance, motion_sampler)  # (K, C, X, Y, Z)
+                                      generator, motion_steps, motion_guidance, motion_sampler,
+                                      motion_guided_steps)                                  # (K, C, X, Y, Z)
             z = z_ed + periodic_interpolate(keys - z_ed, phases)                          # (T, C, X, Y, Z)
         else:
             z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, motion_steps, motion_guidance,
-                                   motion_sampler)
+                                   motion_sampler, motion_guided_steps)
         t2 = time.perf_counter()
         image, labels = self.decode(z)
         if timings is not None:

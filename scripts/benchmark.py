@@ -136,13 +136,15 @@ def train_steps_per_s(p, vae, static, motion):
 
 
 def parse_setting(text: str) -> tuple:
-    """sampler:steps:keyframes:precision[:guidance], sampler, steps and guidance each one value (both models)
-    or STATIC/MOTION -> (Sampling, precision)."""
-    sampler, steps, keyframes, precision, *guidance = text.split(":")
+    """sampler:steps:keyframes:precision[:guidance[:guided fraction]], sampler, steps, guidance and guided
+    fraction each one value (both models) or STATIC/MOTION -> (Sampling, precision)."""
+    sampler, steps, keyframes, precision, *rest = text.split(":")
     (sampler, *m_sampler), (steps, *m_steps) = sampler.split("/"), steps.split("/")
-    guidance, *m_guidance = guidance[0].split("/") if guidance else ["2"]
+    guidance, *m_guidance = rest[0].split("/") if rest else ["2"]
+    guided, *m_guided = rest[1].split("/") if len(rest) > 1 else [None]
     return Sampling(sampler, int(steps), float(guidance), int(keyframes), (m_sampler or [None])[0],
-                    int(m_steps[0]) if m_steps else None, float(m_guidance[0]) if m_guidance else None), precision
+                    int(m_steps[0]) if m_steps else None, float(m_guidance[0]) if m_guidance else None,
+                    None if guided is None else float(guided), float(m_guided[0]) if m_guided else None), precision
 
 
 def setting_name(sampling: Sampling, precision: str) -> str:
@@ -150,8 +152,9 @@ def setting_name(sampling: Sampling, precision: str) -> str:
     pair = lambda a, b: f"{a:g}" if a == b else f"{a:g}/{b:g}"  # noqa: E731
     sampler = sampling.sampler if sampling.sampler == sampling.motion_sampler else \
         f"{sampling.sampler}/{sampling.motion_sampler}"
+    guided = (sampling.guided_fraction, sampling.motion_guided_fraction)
     return (f"{sampler}:{pair(sampling.steps, sampling.motion_steps)}:{sampling.keyframes}:{precision}:"
-            f"{pair(sampling.guidance, sampling.motion_guidance)}")
+            f"{pair(sampling.guidance, sampling.motion_guidance)}" + (f":{pair(*guided)}" if guided != (1, 1) else ""))
 
 
 def main():
@@ -163,7 +166,7 @@ def main():
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
     ap.add_argument("--compare", nargs="*", default=["ddim:25:12:fp32", "dpmpp_2m:15:12:auto", "dpmpp_2m:10:12:auto"],
                     help="sampler:steps:keyframes:precision settings timed beside DDIM (the reference, precision auto) "
-                         "and the default, with their ratio to the reference; an optional fifth field is the guidance [2]; "
+                         "and the default, with their ratio to the reference; an optional fifth field is the guidance [2], a sixth the guided fraction [1]; "
                          "sampler, steps and guidance may each be STATIC/MOTION (ddim/dpmpp_2m:25/8:12:auto:2/1 is "
                          "--sampler ddim --steps 25 --guidance 2 --motion-sampler dpmpp_2m --motion-steps 8 "
                          "--motion-guidance 1)")

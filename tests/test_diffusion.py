@@ -130,6 +130,35 @@ def test_guidance(sampler):
         sampler(toy_model, x_T, sched, guidance=2.0, cond=cond)
 
 
+@pytest.mark.parametrize("sampler", [ddim_sample, dpmpp_2m_sample], ids=["ddim", "dpmpp_2m"])
+def test_guidance_on_the_first_steps_only(sampler):
+    """guided_steps = k: the first k (noisiest) steps are guided, batched cond + uncond, the others run the
+    conditional branch alone; k = steps (or None) is full guidance, k = 0 none."""
+    sched = make_schedule("cosine")
+    g = torch.Generator().manual_seed(1)
+    x_T, cond, uncond = torch.randn(4, 3, generator=g), conds(4, g), conds(4, g)
+    batches, levels = [], []
+
+    def counting(x, t, c):
+        batches.append(x.shape[0])
+        return toy_model(x, t, c)
+
+    run = lambda fn, **kw: sampler(fn, x_T, sched, steps=8, guidance=3.0, cond=cond, uncond=uncond, **kw)  # noqa: E731
+    part = run(counting, guided_steps=3)
+    assert batches == [8] * 3 + [4] * 5
+
+    def by_hand(x, t, _):   # guided while t is one of the first three levels of the grid
+        levels.append(int(t[0]))
+        guided = len(set(levels)) <= 3
+        out = toy_model(x, t, cond)
+        return toy_model(x, t, uncond) + 3.0 * (out - toy_model(x, t, uncond)) if guided else out
+
+    torch.testing.assert_close(part, sampler(by_hand, x_T, sched, steps=8))
+    assert torch.equal(run(toy_model, guided_steps=8), run(toy_model))
+    assert torch.equal(run(toy_model, guided_steps=0), sampler(toy_model, x_T, sched, steps=8, cond=cond))
+    assert not torch.allclose(part, run(toy_model)) and not torch.allclose(part, run(toy_model, guided_steps=0))
+
+
 MU = torch.tensor([1.0, -2.0, 0.5])
 STD = torch.tensor([0.8, 1.5, 2.0])
 

@@ -378,13 +378,25 @@ def test_the_motion_model_runs_its_own_sampler_and_steps(tiny_weights, monkeypat
     sampling = Sampling(steps=3, keyframes=3, motion_sampler="dpmpp_2m", motion_steps=2)
     n = model.generate(dx="NOR", frames=5, sampling=sampling).attempts   # draws again if implausible
     assert calls == {"static": 3 * n, "motion": 2 * n} and used == ["ddim", "dpmpp_2m"] * n   # a batched forward a step
+    # Guided on the noisiest half of the motion steps (4 of 8) and a third of the static ones (1 of 3): the same
+    # forward count (cond and uncond share one batched forward), the unguided steps at half the batch.
+    batches = {"static": [], "motion": []}
+    for name in batches:
+        getattr(model.chain, name).register_forward_hook(
+            lambda m, a, o, name=name: batches[name].append(a[0].shape[0]))
+    sampling = Sampling(steps=3, keyframes=3, guided_fraction=0.4, motion_steps=8, motion_guided_fraction=0.5)
+    assert sampling.chain_args()["guided_steps"] == 1 and sampling.chain_args()["motion_guided_steps"] == 4
+    n = model.generate(dx="NOR", frames=5, sampling=sampling).attempts
+    assert batches["static"] == [2, 1, 1] * n
+    assert batches["motion"] == [4, 4, 4, 4, 2, 2, 2, 2] * n   # 2 keyframes sampled (ED is not), x2 when guided
 
 
 def test_sampler_options_resolve_per_model(monkeypatch):
     import synth4d.jobs.synthesize as synthesize
     from synth4d.jobs.synthesize import Sampling
     steps = lambda s: (s.sampler, s.steps, s.guidance, s.motion_sampler, s.motion_steps, s.motion_guidance)  # noqa: E731
-    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 1.0))
+    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 1.0, 1.0))
+    monkeypatch.setattr(synthesize, "DEFAULT_GUIDED", 1.0)
     assert steps(Sampling()) == ("ddim", 25, 2, "dpmpp_2m", 8, 1)                     # the defaults: one per model
     assert steps(Sampling("ddim", 25)) == ("ddim", 25, 2, "ddim", 25, 2)              # the reference: both DDIM 25
     assert steps(Sampling(steps=10)) == ("ddim", 10, 2, "ddim", 10, 2)                # given steps are both models'
@@ -396,8 +408,25 @@ def test_sampler_options_resolve_per_model(monkeypatch):
     assert steps(Sampling(motion_guidance=1.5)) == ("ddim", 25, 2, "dpmpp_2m", 8, 1.5)
     assert Sampling(motion_steps=5).describe() == "static ddim 25 steps, guidance 2; motion dpmpp_2m 5 steps, guidance 1"
     assert Sampling("ddim").describe() == "ddim 25 steps, guidance 2" and Sampling("ddim").shared()
+    fractions = lambda s: (s.guided_fraction, s.motion_guided_fraction)  # noqa: E731
+    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 2.0, 0.5))
+    assert fractions(Sampling()) == (1.0, 0.5) and fractions(Sampling(motion_steps=6)) == (1.0, 0.5)
+    monkeypatch.setattr(synthesize, "DEFAULT_GUIDED", 0.48)
+    assert fractions(Sampling()) == (0.48, 0.5) and fractions(Sampling("ddim", 25)) == (1.0, 1.0)
+    assert fractions(Sampling(motion_steps=6)) == (0.48, 0.5)
+    assert Sampling().chain_args()["guided_steps"] == 12
+    monkeypatch.setattr(synthesize, "DEFAULT_GUIDED", 1.0)
+    assert fractions(Sampling("ddim", 25)) == (1.0, 1.0)                            # the reference: guided throughout
+    assert fractions(Sampling(guided_fraction=0.25)) == (0.25, 0.25)                 # a given fraction is both models'
+    assert fractions(Sampling(motion_guided_fraction=0.75)) == (1.0, 0.75)
+    assert Sampling().describe() == ("static ddim 25 steps, guidance 2; motion dpmpp_2m 8 steps, guidance 2 on the "
+                                     "first 4 steps")
+    assert not Sampling(motion_sampler="ddim", motion_steps=25, motion_guidance=2).shared()  # guided differently
+    assert [Sampling.guided_steps(f, 8) for f in (0, 0.1, 0.25, 0.3, 0.5, 1)] == [0, 0, 2, 2, 4, 8]
+    assert Sampling.guided_steps(0.5, 25) == 12 and Sampling.guided_steps(0.48, 25) == 12
     for bad in ({"motion_sampler": "euler"}, {"motion_steps": 0}, {"sampler": "plms"}, {"motion_guidance": -1.0},
-                {"guidance": float("nan")}):
+                {"guidance": float("nan")}, {"guided_fraction": 1.5}, {"motion_guided_fraction": -0.1},
+                {"guided_fraction": float("nan")}):
         with pytest.raises(UserError):
             Sampling(**bad)
 

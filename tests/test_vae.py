@@ -145,6 +145,81 @@ def test_frequency_term_against_numpy_and_its_padding():
     assert tv.frequency_l1(blurred, edge, one) > 2 * tv.frequency_l1(offset, edge, one)
 
 
+def test_ssim_term_against_the_metric_and_its_padding():
+    """slice_ssim is cine.metrics.ssim per slice, differentiably; the term is 1 - SSIM averaged over the real
+    slices only, 0 for a perfect image, and larger for a blurred copy than for a shifted-intensity copy of equal L1."""
+    from synth4d.cine.metrics import ssim
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 1, 16, 12, 5, generator=g) * 2 - 1
+    image = (target + 0.2 * torch.randn(target.shape, generator=g)).requires_grad_(True)
+    zmask = torch.ones(2, 1, 1, 1, 5)
+    zmask[1, ..., 3:] = 0
+    scores = tv.slice_ssim(tv.real_slices(image, zmask), tv.real_slices(target, zmask))
+    want = [ssim(image[b, 0, :, :, z].detach().numpy(), target[b, 0, :, :, z].numpy(), data_range=2.0)
+            for b in range(2) for z in range(5) if zmask[b, 0, 0, 0, z] > 0]
+    assert scores.detach().numpy() == pytest.approx(want, abs=1e-5)
+    totals = tv.loss_totals(target, torch.zeros(2), zmask)
+    terms = tv.image_loss(image, target, zmask, totals, ssim=1.0)
+    assert terms["ssim"].item() == pytest.approx(1 - np.mean(want), abs=1e-5)
+    assert terms["loss"].item() == pytest.approx(terms["l1"].item() + terms["ssim"].item(), rel=1e-6)
+    terms["loss"].backward()
+    assert torch.count_nonzero(image.grad[1, ..., 3:]) == 0 and torch.count_nonzero(image.grad[0]) > 0
+    junk = image.detach().clone()
+    junk[1, ..., 3:] = 5.0
+    assert tv.image_loss(junk, target, zmask, totals, ssim=1.0)["ssim"].item() == pytest.approx(terms["ssim"].item())
+    assert tv.image_loss(target, target, zmask, totals, ssim=1.0)["ssim"].item() == pytest.approx(0.0, abs=1e-6)
+    assert "ssim" not in tv.image_loss(image, target, zmask, totals)
+    edge = torch.full((1, 1, 32, 32, 1), -1.0)
+    edge[:, :, 10:22, 10:22] = 1.0
+    blurred = torch.nn.functional.avg_pool3d(edge, (3, 3, 1), stride=1, padding=(1, 1, 0), count_include_pad=False)
+    offset = edge + (blurred - edge).abs().mean()
+    one = torch.ones(1, 1, 1, 1, 1)
+    single = tv.loss_totals(edge, torch.zeros(1), one)
+    assert tv.image_loss(blurred, edge, one, single, ssim=1.0)["ssim"] > tv.image_loss(offset, edge, one, single,
+                                                                                        ssim=1.0)["ssim"]
+
+
+def test_finetune_decoder_trains_the_image_decoder_alone(phantom, tmp_path, monkeypatch):
+    """--finetune-decoder: encoder and mask decoder bit for bit the file's (the latents, their scale and the
+    masks stay), the image decoder moves; it resumes exactly; a VAE of another preset is refused before
+    anything is written."""
+    cache = tmp_path / "cache"
+    prepare_dataset(phantom, TINY.grid, cache_dir=cache, progress=False)
+    start = tv.train_vae(phantom, tmp_path / "vae", preset="tiny", steps=2, batch_size=2, eval_every=2, cache=cache)
+    run = dict(preset="tiny", steps=6, batch_size=2, eval_every=3, cache=cache, ssim=1.0, finetune_decoder=start)
+    tv.train_vae(phantom, tmp_path / "a", **run)
+    before, _, meta0 = read_checkpoint(start, stage="vae")
+    after, _, meta1 = read_checkpoint(tmp_path / "a" / "vae_last.safetensors", stage="vae")
+    assert before.keys() == after.keys()
+    for part in ("encoder.", "mask_decoder."):
+        assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(part))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("image_decoder."))
+    assert meta1["scale"] == pytest.approx(meta0["scale"], rel=1e-6)
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["finetune_decoder"] == str(start)
+    assert "image decoder only" in (tmp_path / "a" / "log.txt").read_text()
+
+    real = tv.lr_at
+
+    def crash_in_step_4(step, *args):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(tv, "lr_at", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        tv.train_vae(phantom, tmp_path / "b", **run)
+    monkeypatch.setattr(tv, "lr_at", real)
+    tv.train_vae(phantom, tmp_path / "b", resume=True, preset="tiny", cache=cache, eval_every=3)
+    a, b = load_file(tmp_path / "a" / "vae_last.safetensors"), load_file(tmp_path / "b" / "vae_last.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    cpu_vae = tmp_path / "cpu_vae.safetensors"
+    save_checkpoint(cpu_vae, VAE(get_preset("cpu").vae), "vae", get_preset("cpu").vae, {"scale": 1.0})
+    with pytest.raises(UserError, match="cpu_vae.safetensors: a VAE of another preset"):
+        tv.train_vae(phantom, tmp_path / "c", preset="tiny", steps=2, finetune_decoder=cpu_vae)
+    assert not (tmp_path / "c").exists()
+
+
 def test_patch_critic_scores_patches_and_real_slices_skip_padding():
     from synth4d.nets.vae import PatchDiscriminator
     critic = PatchDiscriminator()

@@ -14,8 +14,17 @@ weighs every spatial frequency alike, fine detail included; the adversarial term
 PatchGAN critic of slices, nets.vae.PatchDiscriminator) penalises textures and edges that no real
 slice has.
 
-Run folder: vae.safetensors (best held-out labelled Dice), vae_last.safetensors, vae.state.pt
-(resume), split.json, run.json (run settings), log.txt.
+An SSIM term (1 - SSIM of the real slices, the Gaussian-window SSIM of cine.metrics.ssim) can join
+the image loss (`--ssim`): it rewards the local means, contrasts and structure SSIM scores, which the
+adversarial term trades away for texture.
+
+`--finetune-decoder VAE` trains only the image decoder of a trained VAE, with its encoder and mask
+decoder frozen: the latents and the decoded masks stay exactly as they were, so diffusion stages
+trained on that VAE's latents stay valid with the new file. The critic then joins from the start.
+
+Run folder: vae.safetensors (best held-out labelled Dice; SSIM when fine-tuning the decoder, where
+the Dice cannot change), vae_last.safetensors, vae.state.pt (resume), split.json, run.json (run
+settings), log.txt.
 """
 from __future__ import annotations
 
@@ -34,7 +43,7 @@ from synth4d.nets.pipeline import encode_frames, reconstruct_frames
 from synth4d.nets.vae import VAE, PatchDiscriminator
 from synth4d.train.common import (Processes, QuietLog, RunLog, RunRandom, check_finite, load_state, lr_at, make_ema,
                                   open_run, read_split, save_state, update_ema, write_split)
-from synth4d.weights.checkpoint import save_checkpoint
+from synth4d.weights.checkpoint import load_vae, save_checkpoint
 
 KL_WEIGHT = 1e-6     # on the KL summed over the latent: keeps the posterior near N(0, I) in scale
                      # while the latent stays informative (posterior std well below 1)
@@ -50,7 +59,7 @@ STRUCTURES = (1, 2, 3)
 
 def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, resume=False, device="auto",
               seed=0, skip_bad=False, cache=None, eval_every=500, csv_path=None, frequency=None,
-              adversarial=None) -> str:
+              adversarial=None, ssim=None, finetune_decoder=None) -> str:
     """Train the VAE on the data set in `data`; returns the path of the best checkpoint (out/vae.safetensors)."""
     from synth4d.cine.prep import prepare_dataset
 
@@ -59,12 +68,19 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
     dev = select_device(device)
     state_path, best_path, last_path = out / "vae.state.pt", out / "vae.safetensors", out / "vae_last.safetensors"
     run = {"preset": preset, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-           "frequency": frequency, "adversarial": adversarial}
+           "frequency": frequency, "adversarial": adversarial, "ssim": ssim,
+           "finetune_decoder": str(finetune_decoder) if finetune_decoder is not None else None}
     run, restore = open_run(out, state_path, (best_path, last_path), run, resume, "VAE")
-    for key, default in (("frequency", FREQUENCY_WEIGHT), ("adversarial", ADVERSARIAL_WEIGHT)):
+    for key, default in (("frequency", FREQUENCY_WEIGHT), ("adversarial", ADVERSARIAL_WEIGHT), ("ssim", 0.0)):
         # a run recorded before these terms existed resumes without them
         run[key] = default if run.get(key) is None and not restore else float(run.get(key) or 0.0)
     p = get_preset(run["preset"])
+    start_from = None
+    if run.get("finetune_decoder") and not restore:   # checked before any data are prepared or files written
+        start_from, start_meta = load_vae(run["finetune_decoder"])
+        if start_from.cfg != p.vae or start_meta.get("grid") not in (None, p.grid):
+            raise UserError(f"{run['finetune_decoder']}: a VAE of another preset than {p.name!r} (its config or grid "
+                            f"differs); pass --preset to match it")
     run["steps"] = run["steps"] or p.train_vae.steps
     run["batch_size"] = run["batch_size"] or p.train_vae.batch_size
     run["lr"] = run["lr"] or p.train_vae.lr
@@ -94,10 +110,18 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
 
     torch.manual_seed(seed)
     # channels_last_3d: on the CPU, conv3d's weight gradient is several times faster in this layout.
-    model = VAE(p.vae).to(dev, memory_format=torch.channels_last_3d)
+    model = VAE(p.vae)
+    decoder_only = bool(run.get("finetune_decoder"))
+    if start_from is not None:
+        model.load_state_dict(start_from.state_dict())
+    if decoder_only:   # the encoder and the mask decoder stay as they are: same latents, same masks
+        model.encoder.requires_grad_(False)
+        model.mask_decoder.requires_grad_(False)
+    model = model.to(dev, memory_format=torch.channels_last_3d)
     ema = make_ema(model)
-    net = procs.wrap(model, dev)      # the forward pass of this rank; `model` is what is saved
-    opt = torch.optim.AdamW(model.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
+    trained = model.image_decoder if decoder_only else model
+    net = procs.wrap(trained, dev)    # the forward pass of this rank (the trained part); `model` is what is saved
+    opt = torch.optim.AdamW(trained.parameters(), lr=run["lr"], betas=(0.9, 0.999), weight_decay=0.01)
     critic = PatchDiscriminator().to(dev) if run["adversarial"] > 0 else None
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=run["lr"], betas=(0.5, 0.9), weight_decay=0.0) \
         if critic is not None else None
@@ -111,7 +135,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
             critic.load_state_dict(extra["critic"])
             critic_opt.load_state_dict(extra["critic_opt"])
     warmup = min(200, max(1, total // 20))
-    adv_start = int(ADVERSARIAL_START * total)
+    adv_start = 0 if decoder_only else int(ADVERSARIAL_START * total)
     decay = min(EMA_DECAY, 1.0 - 10.0 / total)  # short runs would otherwise evaluate the initial weights
     meta = {"preset": p.name, "grid": dataclasses.asdict(p.grid), "train_subjects": len(train),
             "labelled_frames": len(labelled), "seed": seed}
@@ -121,7 +145,8 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         log.note(f"no resume state in {out} yet (stopped before its first evaluation): starting again from step 0")
     log.note(f"VAE {p.name}: {len(train)} training subjects ({len(frames)} frames, {len(labelled)} labelled), "
              f"{len(val)} held out; steps {start}->{total}, batch {bs}, lr {run['lr']:g}, frequency term "
-             f"{run['frequency']:g}, adversarial {run['adversarial']:g} from step {adv_start}, device {dev} "
+             f"{run['frequency']:g}, adversarial {run['adversarial']:g} from step {adv_start}, SSIM term {run['ssim']:g}"
+             + (f", image decoder only (from {run['finetune_decoder']})" if decoder_only else "") + f", device {dev} "
              f"({'bf16' if uses_bf16(dev) else 'fp32'})"
              + (f", {procs.world} processes" if procs.world > 1 else ""))
     part = procs.part(bs)
@@ -137,10 +162,19 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         totals = loss_totals(batch[1], batch[3], batch[4])
         x, target, mask, label_w, zmask, noise = (t[part].to(dev) for t in (*batch, noise))   # this rank's share
         x = x.to(memory_format=torch.channels_last_3d)
-        with autocast(dev):
-            image, logits, posterior = net(x, noise=noise)
-        losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask, totals={k: v.to(dev) for k, v in
-                          totals.items()}, share=procs.world, frequency=run["frequency"])
+        totals = {k: v.to(dev) for k, v in totals.items()}
+        if decoder_only:
+            with torch.no_grad(), autocast(dev):
+                z = model.encode(x).sample(noise=noise)
+            with autocast(dev):
+                image = net(z)[:, :, :X, :Y]
+            losses = image_loss(image, target, zmask, totals, share=procs.world, frequency=run["frequency"],
+                                ssim=run["ssim"])
+        else:
+            with autocast(dev):
+                image, logits, posterior = net(x, noise=noise)
+            losses = vae_loss(image, logits, posterior, target, mask, label_w, zmask, totals=totals,
+                              share=procs.world, frequency=run["frequency"], ssim=run["ssim"])
         adversarial = critic is not None and step >= adv_start
         if adversarial:   # the generator's hinge term: raise the critic's score of the reconstructed slices
             critic.requires_grad_(False)
@@ -151,7 +185,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
         check_finite(procs.mean(losses["loss"]), step, out, log)
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         if adversarial:   # the critic's hinge loss (Lim and Ye 2017): real slices above +1, reconstructions below -1
             with autocast(dev):
@@ -172,7 +206,7 @@ def train_vae(data, out, preset="cpu", steps=None, batch_size=None, lr=None, res
                 log.eval(done, figures)
                 info = {**meta, "step": done, "eval": figures, "scale": latent_scale(ema, train, dev)}
                 save_checkpoint(last_path, ema, "vae", p.vae, info)
-                score = figures.get("dice_labelled", figures["psnr"])
+                score = figures["ssim"] if decoder_only else figures.get("dice_labelled", figures["psnr"])
                 if score > best["score"] or not best_path.exists():
                     best = {"score": score, "step": done}
                     save_checkpoint(best_path, ema, "vae", p.vae, info)
@@ -238,9 +272,51 @@ def frequency_l1(image, target, zmask, pixels=None) -> torch.Tensor:
     return diff.abs().sum() / (pixels * diff.shape[3] / image.shape[3]).clamp_min(1.0)
 
 
+def _ssim_window(device) -> torch.Tensor:
+    """The 7-tap Gaussian (sigma 1.5) of cine.metrics.ssim as a (1, 1, 7) kernel, float32."""
+    from synth4d.cine.metrics import SSIM_RADIUS, SSIM_SIGMA
+    taps = torch.exp(-0.5 * (torch.arange(-SSIM_RADIUS, SSIM_RADIUS + 1, dtype=torch.float32) / SSIM_SIGMA) ** 2)
+    return (taps / taps.sum()).to(device)[None, None]
+
+
+def slice_ssim(image, target, data_range: float = 2.0) -> torch.Tensor:
+    """Differentiable SSIM of in-plane slices (N, 1, X, Y) -> (N,), the same figure as cine.metrics.ssim
+    per slice (Wang et al. 2004: Gaussian window sigma 1.5, K1 = 0.01, K2 = 0.03, 'valid' positions)."""
+    from synth4d.cine.metrics import SSIM_K1, SSIM_K2
+    x, y = image.float(), target.float()
+    w = _ssim_window(x.device)
+    wx, wy = w.view(1, 1, -1, 1), w.view(1, 1, 1, -1)
+
+    def blur(a):   # separable Gaussian, along X then Y, at the fully inside positions only
+        return F.conv2d(F.conv2d(a, wx), wy)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(dim=1)
+
+
+def image_loss(image, target, zmask, totals, share=1.0, frequency=0.0, ssim=0.0) -> dict:
+    """The image path's terms (scalars): L1 on real slices, plus the frequency-domain L1 (weight `frequency`)
+    and 1 - SSIM of the real slices (weight `ssim`) when their weights are > 0; "loss" is their weighted sum."""
+    image = image.float()
+    rec = ((image - target).abs() * zmask.expand_as(target)).sum() / totals["real"] * share
+    terms = {"loss": rec, "l1": rec}
+    if frequency > 0:
+        terms["freq"] = frequency_l1(image, target, zmask, totals["real"]) * share
+        terms["loss"] = terms["loss"] + frequency * terms["freq"]
+    if ssim > 0:
+        n_slices = (totals["real"] / (target.shape[2] * target.shape[3])).clamp_min(1.0)   # of the global batch
+        scores = slice_ssim(real_slices(image, zmask), real_slices(target, zmask))
+        terms["ssim"] = (1.0 - scores).sum() / n_slices * share
+        terms["loss"] = terms["loss"] + ssim * terms["ssim"]
+    return terms
+
+
 def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=KL_WEIGHT, totals=None,
-             share=1.0, frequency=0.0) -> dict:
-    """Loss terms (scalars): L1 reconstruction, the frequency-domain L1 (weight `frequency`) and KL on
+             share=1.0, frequency=0.0, ssim=0.0) -> dict:
+    """Loss terms (scalars): the image terms (image_loss: L1, frequency-domain L1, SSIM) and KL on
     every frame, CE + soft Dice on labelled ones.
 
     image (B, 1, X, Y, Z), logits (B, C, X, Y, Z), target (B, 1, X, Y, Z), mask (B, X, Y, Z) long,
@@ -248,10 +324,9 @@ def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=K
     Under data parallelism each rank passes the global batch's `totals` (loss_totals) and share = the
     world size, so that the ranks' averaged gradients are the global batch's.
     """
-    image, logits = image.float(), logits.float()
+    logits = logits.float()
     totals = totals or loss_totals(target, label_w, zmask)
-    w = zmask.expand_as(target)
-    rec = ((image - target).abs() * w).sum() / totals["real"] * share
+    terms = image_loss(image, target, zmask, totals, share, frequency, ssim)
     kl = posterior.kl().float().mean()
     voxel_w = label_w[:, None, None, None] * zmask[:, 0]                     # (B, 1, 1, Z) -> broadcast
     ce_map = F.cross_entropy(logits, mask, reduction="none")                 # (B, X, Y, Z)
@@ -263,12 +338,9 @@ def vae_loss(image, logits, posterior, target, mask, label_w, zmask, kl_weight=K
     denom = (prob + onehot).sum(dim=(2, 3, 4))
     soft_dice = 1.0 - ((2 * inter + 1.0) / (denom + 1.0)).mean(dim=1)        # (B,)
     dice = (soft_dice * label_w).sum() / totals["frames"].clamp_min(1.0) * share
-    loss = rec + kl_weight * kl + ce + dice
-    terms = {"l1": rec, "kl": kl, "ce": ce, "dice": dice}
-    if frequency > 0:
-        terms["freq"] = frequency_l1(image, target, zmask, totals["real"]) * share
-        loss = loss + frequency * terms["freq"]
-    return {"loss": loss, **terms}
+    terms["loss"] = terms["loss"] + kl_weight * kl + ce + dice
+    terms.update(kl=kl, ce=ce, dice=dice)
+    return terms
 
 
 def evaluate_vae(model, subjects, device) -> dict:
