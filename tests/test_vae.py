@@ -198,17 +198,7 @@ def test_finetune_decoder_trains_the_image_decoder_alone(phantom, tmp_path, monk
     assert json.loads((tmp_path / "a" / "run.json").read_text())["finetune_decoder"] == str(start)
     assert "image decoder only" in (tmp_path / "a" / "log.txt").read_text()
 
-    real = tv.lr_at
-
-    def crash_in_step_4(step, *args):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(tv, "lr_at", crash_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        tv.train_vae(phantom, tmp_path / "b", **run)
-    monkeypatch.setattr(tv, "lr_at", real)
+    _killed_in_step_4(monkeypatch, lambda: tv.train_vae(phantom, tmp_path / "b", **run))
     tv.train_vae(phantom, tmp_path / "b", resume=True, preset="tiny", cache=cache, eval_every=3)
     a, b = load_file(tmp_path / "a" / "vae_last.safetensors"), load_file(tmp_path / "b" / "vae_last.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -247,23 +237,28 @@ def test_checkpoint_rebuilds_identical_model(tmp_path):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def _killed_in_step_4(monkeypatch, train):
+    """Run train() with a kill in step 4, after the resume state of step 3 was written."""
+    real = tv.lr_at
+
+    def crash_in_step_4(step, *args):
+        if step == 4:
+            raise KeyboardInterrupt
+        return real(step, *args)
+
+    monkeypatch.setattr(tv, "lr_at", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train()
+    monkeypatch.setattr(tv, "lr_at", real)
+
+
 def test_resume_equals_uninterrupted(phantom, tmp_path, monkeypatch):
     run = dict(preset="tiny", steps=6, batch_size=2, eval_every=3, cache=tmp_path / "cache")
     # Fill the cache first: cine.prep stores images as float16, so a fresh preparation differs from a cached one.
     prepare_dataset(phantom, TINY.grid, cache_dir=tmp_path / "cache", progress=False)
     tv.train_vae(phantom, tmp_path / "a", **run)
 
-    real = tv.lr_at
-
-    def crash_in_step_4(step, *args):
-        if step == 4:  # after the state of step 3 was written
-            raise KeyboardInterrupt
-        return real(step, *args)
-
-    monkeypatch.setattr(tv, "lr_at", crash_in_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        tv.train_vae(phantom, tmp_path / "b", **run)
-    monkeypatch.setattr(tv, "lr_at", real)
+    _killed_in_step_4(monkeypatch, lambda: tv.train_vae(phantom, tmp_path / "b", **run))
     with pytest.raises(UserError, match="--resume"):
         tv.train_vae(phantom, tmp_path / "b", **run)
     tv.train_vae(phantom, tmp_path / "b", resume=True, preset="tiny", cache=tmp_path / "cache", eval_every=3)
