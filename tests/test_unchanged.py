@@ -40,7 +40,10 @@ plausibility check began to want the smallest LV in systole: the generated files
 their manifests and sidecars), generate.jsonl and eval.json changed; the phantom's files and segment's
 kept their digests. And once more when the manifest and sidecars gained the guided fractions of the steps
 ("guided_fraction", "motion_guided_fraction"): only manifest.csv, generate.jsonl and the sidecars changed
-(the commands give --steps, which guides every step). Every command runs in a fresh process on one thread: with two threads, float sums in
+(the commands give --steps, which guides every step). And once more when the shipped VAE's image decoder
+was fine-tuned with an SSIM term (encoder and mask decoder unchanged): the generated images (gen/ and acdc/),
+the manifests, sidecars and generate.jsonl (the weights' identity) and eval.json changed; every mask, the
+phantom's files and segment's kept their records. Every command runs in a fresh process on one thread: with two threads, float sums in
 the convolutions are ordered differently and generated intensities differ in the last bits. Text
 outputs name files relative to the working folder; the shipped weights' folder, which differs
 between checkouts, is replaced by <weights>. A record made with other torch / numpy / nibabel
