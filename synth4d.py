@@ -315,11 +315,12 @@ def _prior_options(f):
 @click.option("--motion-guidance", type=click.FloatRange(min=0), default=None,
               help="The motion model's own guidance scale [as --guidance, else 2].")
 @click.option("--guided-fraction", type=click.FloatRange(min=0, max=1), default=None,
-              help="Guide only the noisiest FRACTION of each model's steps (rounded up to whole steps); the others run "
-                   "the conditional branch alone, half the work [1: every step].")
+              help="Guide only the noisiest FRACTION of each model's steps (rounded down to whole steps); the others "
+                   "run the conditional branch alone, half the work [0.5 for the static model at the default sampling; "
+                   "1, every step, when --sampler, --steps or --guidance is given].")
 @click.option("--motion-guided-fraction", type=click.FloatRange(min=0, max=1), default=None,
               help="The motion model's own guided fraction [as --guided-fraction when --sampler, --steps, --guidance "
-                   "or --guided-fraction is given, else 1].")
+                   "or --guided-fraction is given, else 0.25: 2 of its 8 steps].")
 @click.option("--keyframes", type=click.IntRange(min=0), default=12, show_default=True,
               help="Phases the motion model samples; other frames are interpolated along the cycle (0: sample every frame).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; subject i uses a seed derived from it and i.")
