@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from synth4d.cine import UserError
-from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve
+from synth4d.cine.diagnosis import CRITERIA, NEEDS, meets, volumes_fit
+from synth4d.cine.measures import MEASURES, clinical_measures, volume_curve, wall_thickness
 from synth4d.cine.grid import OutputGrid, place
 from synth4d.cine.nifti import Geometry
 from synth4d.cine.priors import ES_PHASE_RANGE, REQUESTABLE, check_request, draw
@@ -153,7 +154,8 @@ def subject_seed(base: int, index: int, attempt: int = 0) -> int:
 
 def plausible(labels, measured, es=None) -> str:
     """'' when the ED frame has LV, MYO and RV on contiguous slices, volumes are not absurd and the smallest LV
-    (frame `es`) falls in systole (cine.priors.ES_PHASE_RANGE of the cycle), else why not."""
+    (frame `es`) falls in systole (cine.priors.ES_PHASE_RANGE of the cycle), else why not. Synthesizer.subject
+    also asks off_diagnosis."""
     ed = labels[..., 0]
     for label, name in ((3, "LV"), (2, "MYO"), (1, "RV")):
         slices = np.flatnonzero((ed == label).any(axis=(0, 1)))
@@ -169,6 +171,25 @@ def plausible(labels, measured, es=None) -> str:
     if es is not None and not ES_PHASE_RANGE[0] <= es / T <= ES_PHASE_RANGE[1]:
         return f"smallest LV at frame {es} of {T}, not in systole"
     return ""
+
+
+SHOWN = {"lvedv": "LVEDV {:.0f} mL", "rvedv": "RVEDV {:.0f} mL", "lvef": "LVEF {:.0f} %", "rvef": "RVEF {:.0f} %",
+         "max_wall": "max wall {:.1f} mm"}
+
+
+def off_diagnosis(values: dict, labels, measured: dict, spacing) -> str:
+    """'' unless the drawn (or asked) values meet their diagnosis' criteria (cine.diagnosis) and the generated
+    mask's measures do not; then which measures miss, e.g. "NOR not met (LVEF >= 50, ...): RVEF 35 %, ...".
+    A request whose own values rule the criteria out (--dx NOR --lvef 40) is not held to them."""
+    dx = values.get("dx")
+    if dx not in CRITERIA or not volumes_fit(dx, values):
+        return ""
+    m = dict(measured)
+    if "max_wall" in NEEDS[dx]:   # the ED wall, only where the criteria use it (it costs a distance search)
+        m["max_wall"] = wall_thickness(labels[..., 0], spacing)
+    if meets(dx, m) is not False:
+        return ""
+    return f"{dx} criteria not met ({CRITERIA[dx]}): " + ", ".join(SHOWN[k].format(m[k]) for k in NEEDS[dx])
 
 
 class Synthesizer:
@@ -212,7 +233,7 @@ class Synthesizer:
             spacing = (self.chain.grid.spacing, self.chain.grid.spacing, values["slice_mm"])
             es = int(np.argmin(volume_curve(labels, spacing)["lv"]))
             measured = clinical_measures(labels[..., 0], labels[..., es], spacing)
-            why = plausible(labels, measured, es)
+            why = plausible(labels, measured, es) or off_diagnosis(values, labels, measured, spacing)
             if not why:
                 break
         image, labels, affine = place(image, labels, spacing, output, bg=-1.0)

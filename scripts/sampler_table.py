@@ -4,9 +4,11 @@ against a real one, print one table (the model card's "Sampler" section).
 `python scripts/sampler_table.py REAL RUNS [--n 100] [--jobs 2] [--weights DIR] [--settings ...]` writes
 RUNS/<setting>/ (the generated set, its eval.json and seconds.json) and prints the table; rerun it to
 resume (generate skips complete subjects, an existing eval.json is kept). Each setting is
-sampler:steps:keyframes:seed[:precision] (precision as `generate --precision`, auto
-if not given; sampler and steps may each be STATIC/MOTION, e.g. ddim/dpmpp_2m:25/8:12:0 for
-`--sampler ddim --steps 25 --motion-sampler dpmpp_2m --motion-steps 8`). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
+sampler:steps:keyframes:seed[:precision[:guided fraction]] (precision as `generate --precision`, auto
+if not given; the guided fraction as `generate --guided-fraction`, 1 if not given: every step guided;
+sampler, steps and guided fraction may each be STATIC/MOTION, e.g. ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25
+for `--sampler ddim --steps 25 --motion-sampler dpmpp_2m --motion-steps 8 --guided-fraction 0.5
+--motion-guided-fraction 0.25`, the default sampling). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
 everything else drawn from the prior; the same seed draws the same requests, so settings with one seed
 are paired, and two seeds of one setting measure the run-to-run noise. Settings with the first setting's
 seed are also compared with it subject by subject (`paired`): the difference in the r and MAE of each
@@ -26,20 +28,26 @@ from pathlib import Path
 DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")
 SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:0", "dpmpp_2m:8:12:0",
             "dpmpp_2m:10:8:0", "ddim/dpmpp_2m:25/8:12:0", "ddim/dpmpp_2m:25/6:12:0", "ddim/dpmpp_2m:25/4:12:0",
-            "ddim/dpmpp_2m:25/8:8:0")   # the model card's rows (weights/README.md, "Samplers and steps")
+            "ddim/dpmpp_2m:25/8:8:0", "ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25",
+            "ddim/dpmpp_2m:25/8:12:1:auto:0.5/0.25")   # the model card's rows (weights/README.md, "Samplers and steps")
 MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
 STRUCTURES = ("RV", "MYO", "LV")
 
 
 def generate_options(setting: str) -> list:
-    """`sampler:steps:keyframes:seed[:precision]` (sampler and steps may be STATIC/MOTION) -> the options
-    of `synth4d generate` that sample that way, the same for every job of the setting."""
-    sampler, steps, keyframes, seed, *precision = setting.split(":")
+    """`sampler:steps:keyframes:seed[:precision[:guided fraction]]` (sampler, steps and guided fraction may be
+    STATIC/MOTION) -> the options of `synth4d generate` that sample that way, the same for every job of the
+    setting. Without a guided fraction every step is guided (what `--sampler` alone implies)."""
+    sampler, steps, keyframes, seed, *rest = setting.split(":")
     (sampler, *motion_sampler), (steps, *motion_steps) = sampler.split("/"), steps.split("/")
     cmd = ["--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed,
-           "--precision", precision[0] if precision else "auto"]
+           "--precision", rest[0] if rest else "auto"]
     cmd += ["--motion-sampler", *motion_sampler] if motion_sampler else []
-    return cmd + (["--motion-steps", *motion_steps] if motion_steps else [])
+    cmd += ["--motion-steps", *motion_steps] if motion_steps else []
+    if len(rest) > 1:
+        guided, *motion_guided = rest[1].split("/")
+        cmd += ["--guided-fraction", guided, "--motion-guided-fraction", (motion_guided or [guided])[0]]
+    return cmd
 
 
 def run_setting(real: Path, out: Path, setting: str, n: int, jobs: int, weights) -> dict:
@@ -180,7 +188,7 @@ def main():
         results[setting] = run_setting(args.real, args.runs / setting.replace(":", "_").replace("/", "-"), setting, args.n, args.jobs,
                                        args.weights)
         print(f"done {setting}", file=sys.stderr)
-    head = ["sampler:steps:keyframes:seed[:precision]"] + [f"{k} r / MAE" for k in MEASURES] + [
+    head = ["sampler:steps:keyframes:seed[:precision[:guided fraction]]"] + [f"{k} r / MAE" for k in MEASURES] + [
         "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "realism " + " / ".join(STRUCTURES),
         "sharpness", "s / subject (machine)"]
     print("| " + " | ".join(head) + " |")

@@ -487,3 +487,46 @@ def test_plausibility_wants_the_smallest_lv_in_systole():
     assert plausible(labels, measured, es=16) == "smallest LV at frame 16 of 20, not in systole"
     assert plausible(labels, measured, es=2) == "smallest LV at frame 2 of 20, not in systole"   # 0.10 of the cycle
     assert plausible(labels, measured) == ""                                                       # ES not known
+
+
+def test_a_subject_off_its_diagnosis_is_drawn_again():
+    """The generated masks must meet the criteria of the diagnosis they are labelled with (cine.diagnosis)
+    whenever the drawn or asked values do; a request that rules them out itself is not held to them."""
+    from synth4d.cine.measures import wall_thickness
+    from synth4d.jobs.synthesize import off_diagnosis
+    labels = np.zeros((40, 40, 4, 20), np.uint8)
+    labels[4:36, 4:36], labels[8:32, 8:32], labels[14:26, 14:26] = 1, 2, 3    # LV wall 6 px (9 mm), 12.7 mm at corners
+    spacing = (1.5, 1.5, 8.0)
+    wall = wall_thickness(labels[..., 0], spacing)
+    assert 9 <= wall < 15
+    nor = {"dx": "NOR", "lvedv": 140.0, "rvedv": 150.0, "lvef": 62.0, "rvef": 55.0}
+    good = {"lvedv": 135.0, "rvedv": 148.0, "lv_mass": 110.0, "lvef": 58.0, "rvef": 51.0}
+    assert off_diagnosis(nor, labels, good, spacing) == ""
+    why = off_diagnosis(nor, labels, {**good, "rvef": 34.6}, spacing)
+    assert why == ("NOR criteria not met (LVEF >= 50, LVEDV 80-190 mL, RVEF >= 40, max LV wall < 15 mm): "
+                   f"LVEF 58 %, LVEDV 135 mL, RVEF 35 %, max wall {wall:.1f} mm")
+    thick = labels.copy()
+    thick[14:26, 14:26] = 2
+    thick[18:22, 18:22] = 3                                                     # LV wall 10 px = 15 mm: hypertrophied
+    assert off_diagnosis(nor, thick, good, spacing).startswith("NOR criteria not met")
+    hcm = {"dx": "HCM", "lvedv": 120.0, "rvedv": 130.0, "lvef": 70.0, "rvef": 60.0}
+    assert off_diagnosis(hcm, thick, {**good, "lvef": 70.0}, spacing) == ""
+    assert off_diagnosis(hcm, labels, {**good, "lvef": 70.0}, spacing).endswith(f"LVEF 70 %, max wall {wall:.1f} mm")
+    asked_off = {**nor, "lvef": 40.0}                                           # --dx NOR --lvef 40: not normal
+    assert off_diagnosis(asked_off, labels, {**good, "lvef": 41.0}, spacing) == ""
+    assert off_diagnosis({**nor, "dx": None}, labels, {**good, "rvef": 20.0}, spacing) == ""
+
+
+def test_the_diagnosis_check_draws_again_and_says_why(tiny_weights, monkeypatch):
+    from synth4d.jobs import synthesize
+    model = synthesize.load(tiny_weights)
+    sampling = synthesize.Sampling(steps=2, keyframes=3)
+    monkeypatch.setattr(synthesize, "plausible", lambda *a, **k: "")           # only the diagnosis check decides
+    verdicts = iter([False, True])
+    monkeypatch.setattr(synthesize, "meets", lambda dx, m: next(verdicts))
+    s = model.generate(dx="DCM", frames=4, sampling=sampling, seed=5)
+    assert (s.attempts, s.plausible) == (2, "yes")
+    monkeypatch.setattr(synthesize, "meets", lambda dx, m: False)
+    s = model.generate(dx="DCM", frames=4, sampling=sampling, seed=5)
+    assert s.attempts == synthesize.MAX_ATTEMPTS and s.plausible.startswith("DCM criteria not met (LVEF < 40")
+    assert s.values["dx"] == "DCM"                                              # kept, and flagged as such

@@ -34,6 +34,30 @@ def test_generate_options_per_model():
         "--motion-sampler": "dpmpp_2m", "--motion-steps": "8"}
     single = options(table.generate_options("dpmpp_2m:10:8:1:fp32"))
     assert single == {"--sampler": "dpmpp_2m", "--steps": "10", "--keyframes": "8", "--seed": "1", "--precision": "fp32"}
+    guided = options(table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25"))
+    assert (guided["--guided-fraction"], guided["--motion-guided-fraction"]) == ("0.5", "0.25")
+    both = options(table.generate_options("ddim:25:12:1:bf16:0.4"))
+    assert (both["--precision"], both["--guided-fraction"], both["--motion-guided-fraction"]) == ("bf16", "0.4", "0.4")
+
+
+def test_guided_fraction_options_sample_the_default(tmp_path, monkeypatch):
+    """The default sampling written out in sampler_table's fields resolves, through the CLI's own parsing, to
+    exactly what `synth4d generate` samples with no sampling options (so its rows measure the default)."""
+    from click.testing import CliRunner
+    from synth4d import synth4d
+    from synth4d.jobs import generate as gen
+    from synth4d.jobs.synthesize import Sampling
+    table = load("sampler_table")
+    seen = []
+    monkeypatch.setattr(gen, "generate", lambda out, **kw: seen.append(kw) or [])
+    for opts in ([], table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25"), table.generate_options("ddim:25:12:0")):
+        result = CliRunner().invoke(synth4d.cli, ["generate", str(tmp_path / "out"), *opts])
+        assert result.exit_code == 0, result.output
+    fields = ("sampler", "motion_sampler", "keyframes", "motion_guidance", "motion_guided_fraction")
+    default, written, ddim = (Sampling(**{k: kw[k] for k in (*fields, "steps", "guidance", "motion_steps", "guided_fraction")})
+                              for kw in seen)
+    assert default == written and default.chain_args()["guided_steps"] == 12
+    assert ddim != default and ddim.chain_args()["motion_guided_steps"] == 25   # no fraction: every step guided
 
 
 def test_every_job_samples_the_same_way(tmp_path, monkeypatch):
