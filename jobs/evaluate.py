@@ -46,7 +46,9 @@ MAX_SLICES = 32       # more than any short-axis stack: FVD and coherence see ev
 STRUCTURES = (1, 2, 3)
 COHERENCE = ("roughness: mean |second difference| / range of a periodic curve, lower is smoother, higher with "
              "fewer frames (compare sets with equal frame counts); image change: mean |frame t+1 - frame t| "
-             "on the common grid, intensities in [-1, 1]; ED offset: distance of the LV maximum from the ED "
+             "on the common grid, intensities in [-1, 1]; ED-ES change: mean |ES frame - ED frame| on that grid, "
+             "how far systole moves the image (one frame pair: noise drawn anew per frame counts once, not once per "
+             "frame); ED offset: distance of the LV maximum from the ED "
              "frame, ES phase: ES after ED (generated: LV minimum; real: metadata), as fractions of the cycle, its "
              "sd, a robust sd (1.4826 x median absolute deviation) and the count more than 0.15 from the median; "
              "one component: fraction of slices x frames holding a structure where it is one 4-connected piece "
@@ -248,9 +250,11 @@ def es_phase_spread(phases) -> dict:
 def coherence_stats(ds, grid, generated: bool) -> dict:
     """Volume-curve smoothness, ED/ES timing, frame-to-frame image change and mask topology of one set."""
     lv_smooth, rv_smooth, ed_offset, es_phase, change, change_smooth, frames = [], [], [], [], [], [], []
+    excursion = []
     one, present = np.zeros(len(STRUCTURES)), np.zeros(len(STRUCTURES))
     for s in ds.load_each("coherence (generated)" if generated else "coherence (real)"):
         T, ed = s.n_frames, 0 if generated else s.ed
+        es = None if generated else s.es
         frames.append(T)
         mask = full_cycle_mask(s, generated)
         if mask is not None:
@@ -260,7 +264,8 @@ def coherence_stats(ds, grid, generated: bool) -> dict:
             offset = (int(np.argmax(curves["lv"])) - ed) % T
             ed_offset.append(min(offset, T - offset) / T)
             if generated:
-                es_phase.append(((int(np.argmin(curves["lv"])) - ed) % T) / T)
+                es = int(np.argmin(curves["lv"]))
+                es_phase.append(((es - ed) % T) / T)
         if not generated and s.es is not None:
             es_phase.append(((s.es - ed) % T) / T)
         labelled = [mask[..., t] for t in range(T)] if mask is not None else list(s.masks.values())
@@ -274,15 +279,23 @@ def coherence_stats(ds, grid, generated: bool) -> dict:
         step = frame_change(img)                                                        # (T,) t -> t + 1
         change.append(step.mean())
         change_smooth.append(temporal_smoothness(step))
+        if es is not None and es != ed:
+            excursion.append(ed_es_change(img, ed, es))
     return {"subjects": len(frames), "frames_mean": float(np.mean(frames)), "full_cycle_masks": len(lv_smooth),
             "lv_curve_roughness": _mean(lv_smooth), "rv_curve_roughness": _mean(rv_smooth),
             "ed_offset": _mean(ed_offset), "es_phase": _mean(es_phase),
             "es_phase_sd": float(np.std(es_phase, ddof=1)) if len(es_phase) > 1 else None,
             **es_phase_spread(es_phase),
             "image_change": _mean(change), "image_change_roughness": _mean(change_smooth),
+            "ed_es_change": _mean(excursion), "ed_es_subjects": len(excursion),
             "one_component": {LABELS[c]: one[i] / present[i] if present[i] else None
                               for i, c in enumerate(STRUCTURES)},
             "slice_frames": {LABELS[c]: int(present[i]) for i, c in enumerate(STRUCTURES)}}
+
+
+def ed_es_change(cycle, ed: int, es: int) -> float:
+    """Mean |ES frame - ED frame| of a cycle (X, Y, Z, T): how far systole moves the image."""
+    return float(np.abs(cycle[..., es] - cycle[..., ed]).mean(dtype=np.float64))
 
 
 def _mean(values):
@@ -295,13 +308,14 @@ def _mean(values):
 def reconstruction(real_ds, model, meta, device, path) -> dict:
     """PSNR and SSIM of every frame; Dice and HD95 per structure on labelled frames and on the
     other frames of a full-cycle ground truth (phantom); LVEF and RVEF of the decoded ED and ES masks
-    against the true ones; image change per frame of the decoded and of the real cycles (as --coherence
-    measures it: how much motion survives the VAE); all on the VAE's grid."""
+    against the true ones; image change per frame and ED-ES change of the decoded and of the real cycles (as
+    --coherence measures them: how much motion survives the VAE); all on the VAE's grid."""
     grid = meta["grid"]
     psnrs, ssims = [], []
     per = {kind: {c: {"dice": [], "hd95": []} for c in STRUCTURES} for kind in ("labelled", "unlabelled")}
     efs = {"lvef": ([], []), "rvef": ([], [])}     # (decoded, true) per subject
     changes = {"decoded": [], "real": []}           # per subject, as coherence_stats computes image change
+    excursions = {"decoded": [], "real": []}        # per subject, ED-ES change as coherence_stats computes it
     for s in real_ds.load_each("reconstruction"):
         p = prepare_subject(s, grid)
         decoded, images = {}, []
@@ -319,6 +333,8 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
         if len(images) > 1:
             for key, cycle in (("decoded", np.stack(images, axis=3)), ("real", p.image[:, :, :p.n_slices])):
                 changes[key].append(frame_change(cycle).mean())
+                if p.es is not None and p.es != p.ed:
+                    excursions[key].append(ed_es_change(cycle, p.ed, p.es))
         if p.es is not None and {p.ed, p.es} <= set(decoded) and p.ed != p.es:
             n = p.n_slices
             got = clinical_measures(decoded[p.ed], decoded[p.es], p.spacing)
@@ -339,7 +355,8 @@ def reconstruction(real_ds, model, meta, device, path) -> dict:
                     "undefined": int(np.sum(~np.isfinite(a)))}
     ef["subjects"] = len(efs["lvef"][0])
     return {"psnr": _mean(psnrs), "ssim": _mean(ssims), "frames": len(psnrs), "masks": masks, "ef": ef,
-            "image_change": {k: _mean(v) for k, v in changes.items()}, "checkpoint": str(path),
+            "image_change": {k: _mean(v) for k, v in changes.items()},
+            "ed_es_change": {k: _mean(v) for k, v in excursions.items()}, "checkpoint": str(path),
             "grid": dataclasses.asdict(grid), "intensity": "images in [-1, 1] (cine.prep), PSNR/SSIM data range 2"}
 
 

@@ -179,7 +179,8 @@ SHOWN = {"lvedv": "LVEDV {:.0f} mL", "rvedv": "RVEDV {:.0f} mL", "lvef": "LVEF {
 
 def off_diagnosis(values: dict, labels, measured: dict, spacing) -> str:
     """'' unless the drawn (or asked) values meet their diagnosis' criteria (cine.diagnosis) and the generated
-    mask's measures do not; then which measures miss, e.g. "NOR not met (LVEF >= 50, ...): RVEF 35 %, ...".
+    mask's measures do not; then the criteria and the measures they use, e.g. "NOR criteria not met (LVEF >= 50,
+    ...): LVEF 58 %, LVEDV 135 mL, RVEF 35 %, max wall 9.0 mm".
     A request whose own values rule the criteria out (--dx NOR --lvef 40) is not held to them."""
     dx = values.get("dx")
     if dx not in CRITERIA or not volumes_fit(dx, values):

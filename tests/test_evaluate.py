@@ -195,6 +195,16 @@ def test_coherence_on_the_phantom(tiny_phantom, fake_set):
     lv_one = sum(int((c == 1).sum()) for c in counts) / sum(int((c > 0).sum()) for c in counts)
     assert real["one_component"]["LV"] == pytest.approx(lv_one) and lv_one > 0.9
     assert 0 < real["image_change"] and 0 < real["image_change_roughness"] and 0 < gen["image_change"]
+    # ED-ES change on the common grid: the real set's own ED / ES frames, the generated set's LV minimum (frame 1)
+    from synth4d.jobs.evaluate import _generated_grid
+    grid = _generated_grid(scan(fake_set[0]))
+    preps = [prepare_subject(s, grid) for s in subjects]
+    assert real["ed_es_subjects"] == len(preps)
+    assert real["ed_es_change"] == pytest.approx(np.mean([np.abs(p.image[:, :, :p.n_slices, p.es]
+                                                                 - p.image[:, :, :p.n_slices, p.ed]).mean() for p in preps]))
+    fakes = [prepare_subject(ref.load(), grid) for ref in scan(fake_set[0]).refs]
+    assert gen["ed_es_change"] == pytest.approx(np.mean([np.abs(f.image[..., :f.n_slices, 1] - f.image[..., :f.n_slices, 0]).mean()
+                                                         for f in fakes])) and gen["ed_es_change"] > 0
     # The fake generated set: ES (frame 1 of 3) from the LV curve, one component everywhere.
     assert gen["es_phase"] == pytest.approx(1 / 3) and gen["ed_offset"] == 0.0
     phases = [(s.es - s.ed) % s.n_frames / s.n_frames for s in subjects]
@@ -230,7 +240,8 @@ def test_reconstruction_with_a_tiny_vae(small_phantom, tiny_vae):
 
 def test_reconstruction_image_change(small_phantom, tiny_vae, monkeypatch):
     """How much motion survives the VAE: a decoder that keeps every frame scores the real change, one that
-    freezes the cycle at frame 0 scores none; the real figure is the numpy mean |frame t+1 - frame t|."""
+    freezes the cycle at frame 0 scores none; the real figures are the numpy mean |frame t+1 - frame t| and
+    mean |ES frame - ED frame|."""
     import synth4d.jobs.evaluate as ev
     real_frames = ev.reconstruct_frames
     grid = load_vae(tiny_vae / "vae.safetensors", "cpu")[1]["grid"]
@@ -238,15 +249,19 @@ def test_reconstruction_image_change(small_phantom, tiny_vae, monkeypatch):
     want = np.mean([np.mean([np.abs(p.image[:, :, :p.n_slices, (t + 1) % p.image.shape[3]]
                                     - p.image[:, :, :p.n_slices, t]).mean() for t in range(p.image.shape[3])])
                     for p in preps])
+    want_es = np.mean([np.abs(p.image[:, :, :p.n_slices, p.es] - p.image[:, :, :p.n_slices, p.ed]).mean() for p in preps])
     for name, frame in (("perfect", lambda p, t: p.image[:, :, :p.n_slices, t]),
                         ("frozen", lambda p, t: p.image[:, :, :p.n_slices, 0])):
         def fake(model, p, device, frames=None, frame=frame):
             for t, _, pred, truth, kind in real_frames(model, p, device, frames):
                 yield t, frame(p, t), pred, truth, kind
         monkeypatch.setattr(ev, "reconstruct_frames", fake)
-        c = evaluate(small_phantom, None, recon=True, weights=tiny_vae)["recon"]["image_change"]
+        r = evaluate(small_phantom, None, recon=True, weights=tiny_vae)["recon"]
+        c, e = r["image_change"], r["ed_es_change"]
         assert c["real"] == pytest.approx(want, rel=1e-6) and want > 0
         assert c["decoded"] == (pytest.approx(want, rel=1e-6) if name == "perfect" else 0.0)
+        assert e["real"] == pytest.approx(want_es, rel=1e-6) and want_es > 0
+        assert e["decoded"] == (pytest.approx(want_es, rel=1e-6) if name == "perfect" else 0.0)
 
 
 def test_fvd_vae_and_errors(small_phantom, fake_set, tiny_vae, tmp_path):

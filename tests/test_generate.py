@@ -518,6 +518,7 @@ def test_a_subject_off_its_diagnosis_is_drawn_again():
 
 
 def test_the_diagnosis_check_draws_again_and_says_why(tiny_weights, monkeypatch):
+    """Wired into generation: a miss draws again; MAX_ATTEMPTS misses keep the last draw, flagged with the reason."""
     from synth4d.jobs import synthesize
     model = synthesize.load(tiny_weights)
     sampling = synthesize.Sampling(steps=2, keyframes=3)

@@ -53,9 +53,9 @@ def test_guided_fraction_options_sample_the_default(tmp_path, monkeypatch):
     for opts in ([], table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25"), table.generate_options("ddim:25:12:0")):
         result = CliRunner().invoke(synth4d.cli, ["generate", str(tmp_path / "out"), *opts])
         assert result.exit_code == 0, result.output
-    fields = ("sampler", "motion_sampler", "keyframes", "motion_guidance", "motion_guided_fraction")
-    default, written, ddim = (Sampling(**{k: kw[k] for k in (*fields, "steps", "guidance", "motion_steps", "guided_fraction")})
-                              for kw in seen)
+    fields = ("sampler", "steps", "guidance", "keyframes", "motion_sampler", "motion_steps", "motion_guidance",
+              "guided_fraction", "motion_guided_fraction")
+    default, written, ddim = (Sampling(**{k: kw[k] for k in fields}) for kw in seen)
     assert default == written and default.chain_args()["guided_steps"] == 12
     assert ddim != default and ddim.chain_args()["motion_guided_steps"] == 25   # no fraction: every step guided
 

@@ -43,7 +43,10 @@ kept their digests. And once more when the manifest and sidecars gained the guid
 (the commands give --steps, which guides every step). And once more when the shipped VAE's image decoder
 was fine-tuned with an SSIM term (encoder and mask decoder unchanged): the generated images (gen/ and acdc/),
 the manifests, sidecars and generate.jsonl (the weights' identity) and eval.json changed; every mask, the
-phantom's files and segment's kept their records. Every command runs in a fresh process on one thread: with two threads, float sums in
+phantom's files and segment's kept their records. And once more when eval's coherence and reconstruction
+figures gained the ED-ES change ("ed_es_change"): only eval.json changed (generation's diagnosis check, added
+just before, changed no recorded file: every generated subject met its group's criteria at the first draw).
+Every command runs in a fresh process on one thread: with two threads, float sums in
 the convolutions are ordered differently and generated intensities differ in the last bits. Text
 outputs name files relative to the working folder; the shipped weights' folder, which differs
 between checkouts, is replaced by <weights>. A record made with other torch / numpy / nibabel
