@@ -248,7 +248,7 @@ def es_phase_spread(phases) -> dict:
 
 
 def coherence_stats(ds, grid, generated: bool) -> dict:
-    """Volume-curve smoothness, ED/ES timing, frame-to-frame image change and mask topology of one set."""
+    """Volume-curve smoothness, ED/ES timing, frame-to-frame and ED-ES image change and mask topology of one set."""
     lv_smooth, rv_smooth, ed_offset, es_phase, change, change_smooth, frames = [], [], [], [], [], [], []
     excursion = []
     one, present = np.zeros(len(STRUCTURES)), np.zeros(len(STRUCTURES))
