@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from synth4d.cine.datasets import scan
 from synth4d.cine.measures import volume_curve
 from synth4d.cine.prep import prepare_subject
-from synth4d.jobs.evaluate import full_cycle_mask
+from synth4d.jobs.evaluate import ed_es_change, full_cycle_mask
 from synth4d.nets.pipeline import reconstruct
 from synth4d.weights import DIR
 from synth4d.weights.checkpoint import load_vae
@@ -58,8 +58,7 @@ def parts(cycle: np.ndarray, region: np.ndarray, ed: int, es: int) -> dict:
     blurred = smooth(cycle)
     low = np.abs(np.roll(blurred, -1, axis=3) - blurred)
     n = step.size
-    return {"ED-ES": float(np.abs(cycle[..., es] - cycle[..., ed]).mean(dtype=np.float64)),
-            "ED-ES smooth": float(np.abs(blurred[..., es] - blurred[..., ed]).mean(dtype=np.float64)),
+    return {"ED-ES": ed_es_change(cycle, ed, es), "ED-ES smooth": ed_es_change(blurred, ed, es),
             "all": step.sum(dtype=np.float64) / n,
             "smooth": low.sum(dtype=np.float64) / n,
             "heart": step[region].sum(dtype=np.float64) / n,
