@@ -321,6 +321,10 @@ def _prior_options(f):
 @click.option("--motion-guided-fraction", type=click.FloatRange(min=0, max=1), default=None,
               help="The motion model's own guided fraction [as --guided-fraction when --sampler, --steps, --guidance "
                    "or --guided-fraction is given, else 0.25: 2 of its 8 steps].")
+@click.option("--motion-final-t", type=click.IntRange(min=0, max=999), default=None,
+              help="The last (least noisy) of the motion model's 1000 timesteps; its steps run evenly from 999 down to it "
+                   "[20 at the default motion sampling, which then keeps more of the frame-to-frame detail than the "
+                   "trailing grid; otherwise the trailing grid's own, 1000 / steps - 1].")
 @click.option("--keyframes", type=click.IntRange(min=0), default=12, show_default=True,
               help="Phases the motion model samples; other frames are interpolated along the cycle (0: sample every frame).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Base seed; subject i uses a seed derived from it and i.")

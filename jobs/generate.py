@@ -125,7 +125,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
              guidance=None, seed=0, keyframes=12, weights=None, device="auto", layout="flat", start=0, overwrite=False,
              prefix=None, labels="acdc", preview=False, like=None, size=None, spacing=None, shard=None,
              motion_sampler=None, motion_steps=None, motion_guidance=None, guided_fraction=None,
-             motion_guided_fraction=None, **given):
+             motion_guided_fraction=None, motion_final_t=None, **given):
     """Generate subjects start .. start + n - 1 into `out` (only shard K of N of them with shard="K/N");
     yields one manifest row (dict) per subject."""
     out = Path(out)
@@ -145,7 +145,7 @@ def generate(out, dx=None, n=1, conditions=None, frames=30, slices=None, sampler
             raise DataError(conditions, f"line {line}: {e}") from None
         requests.append(req)
     sampling = Sampling(sampler, steps, guidance, keyframes, motion_sampler, motion_steps, motion_guidance,
-                        guided_fraction, motion_guided_fraction)
+                        guided_fraction, motion_guided_fraction, motion_final_t)
     _check_output(out)
     identity = weights_identity(weights)
 
@@ -216,6 +216,8 @@ def _request_id(req, sampling, identity, seed, index, labels="acdc", output: Out
     how = dataclasses.asdict(sampling)
     if how["guided_fraction"] == how["motion_guided_fraction"] == 1.0:   # as before guided fractions existed
         del how["guided_fraction"], how["motion_guided_fraction"]
+    if how["motion_final_t"] is None:   # the trailing grid, as before the grid's end could be chosen
+        del how["motion_final_t"]
     if sampling.shared():   # both models alike: the digest manifests had before the motion model's own settings
         del how["motion_sampler"], how["motion_steps"], how["motion_guidance"]
     parts = [req, how, identity, seed, index] + ([labels] if labels != "acdc" else [])
@@ -240,9 +242,10 @@ def sidecar(row: dict, subject: Synthetic, labels: str) -> dict:
     return {"synthetic": True, "generator": f"synth4d {__version__}", "id": row["id"], "dx": row["dx"] or None,
             **measures, "given": [k for k in MEASURES if row[f"given_{k}"]],
             "seed": row["seed"], "attempts": row["attempts"], "plausible": row["plausible"],
-            "sampling": {k: row[k] for k in ("sampler", "steps", "guidance", "motion_sampler", "motion_steps",
-                                             "motion_guidance", "guided_fraction", "motion_guided_fraction",
-                                             "keyframes", "precision")},
+            "sampling": {k: None if row[k] == "" else row[k]
+                         for k in ("sampler", "steps", "guidance", "motion_sampler", "motion_steps", "motion_guidance",
+                                   "guided_fraction", "motion_guided_fraction", "motion_final_t", "keyframes",
+                                   "precision")},
             "weights": row["weights"], "request": row["request"],
             "frames": row["frames"], "ed": row["ed"], "es": row["es"],
             "spacing_mm": list(subject.geometry.spacing), "frame_ms": subject.geometry.frame_ms,
@@ -292,7 +295,7 @@ def _preview(out, image_rel: Path, subject: Synthetic) -> Path:
     return image_rel.parent / name
 
 
-INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "motion_steps", "keyframes", *(f"given_{k}" for k in MEASURES)}
+INT_COLUMNS = {"seed", "attempts", "ed", "es", "frames", "slices", "steps", "motion_steps", "motion_final_t", "keyframes", *(f"given_{k}" for k in MEASURES)}
 FLOAT_COLUMNS = {"slice_mm", "es_phase", "guidance", "motion_guidance", "guided_fraction", "motion_guided_fraction", *(f"{w}_{k}" for w in ("requested", "measured") for k in MEASURES)}
 
 

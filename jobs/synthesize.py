@@ -37,8 +37,8 @@ DEFAULT_SAMPLER = "ddim"
 DEFAULT_STEPS = {"ddim": 25, "dpmpp_2m": 15}   # per sampler, when steps are not given
 DEFAULT_GUIDANCE = 2.0
 DEFAULT_GUIDED = 0.5    # the fraction of the static model's steps (the noisiest) that are guided: 12 of 25
-DEFAULT_MOTION = ("dpmpp_2m", 8, 2.0, 0.25)  # (sampler, steps, guidance, guided fraction: 2 of 8) of the motion model
-                                             # when none of the static model's four is given
+DEFAULT_MOTION = ("dpmpp_2m", 8, 2.0, 0.25, 20)  # (sampler, steps, guidance, guided fraction: 2 of 8, final timestep)
+                                                 # of the motion model when none of the static model's four is given
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,9 @@ class Sampling:
     alone: nets.diffusion.guidance_at), and the motion keyframes (0: every frame). A given sampler, steps,
     guidance or guided fraction apply to both models unless the motion_ fields say otherwise; with none of the
     four given, the static model runs DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE and DEFAULT_GUIDED and
-    the motion model DEFAULT_MOTION. None means "the default"; the fields hold the resolved values after
-    construction."""
+    the motion model DEFAULT_MOTION. The motion model's step grid ends at motion_final_t (nets.diffusion.ddim_timesteps):
+    DEFAULT_MOTION's end with its sampler and steps, otherwise the trailing grid (None) unless given. None means
+    "the default"; the fields hold the resolved values after construction."""
 
     sampler: str | None = None
     steps: int | None = None
@@ -60,6 +61,7 @@ class Sampling:
     motion_guidance: float | None = None
     guided_fraction: float | None = None
     motion_guided_fraction: float | None = None
+    motion_final_t: int | None = None
 
     def __post_init__(self):
         for name in (self.sampler, self.motion_sampler):
@@ -86,10 +88,15 @@ class Sampling:
                         or (motion[1] if motion_sampler == motion[0] else DEFAULT_STEPS[motion_sampler]))
         motion_guidance = motion[2] if self.motion_guidance is None else self.motion_guidance
         motion_guided = motion[3] if self.motion_guided_fraction is None else self.motion_guided_fraction
+        default_end = motion[4] if len(motion) > 4 and (motion_sampler, motion_steps) == motion[:2] else None
+        motion_final_t = default_end if self.motion_final_t is None else self.motion_final_t
+        if motion_final_t is not None and not 0 <= motion_final_t <= 1000 - motion_steps:
+            raise UserError(f"the motion model's final timestep must be between 0 and {1000 - motion_steps} for "
+                            f"{motion_steps} steps, got {motion_final_t}")
         for k, v in (("sampler", sampler), ("steps", steps), ("guidance", float(guidance)),
                      ("motion_sampler", motion_sampler), ("motion_steps", motion_steps),
                      ("motion_guidance", float(motion_guidance)), ("guided_fraction", float(guided)),
-                     ("motion_guided_fraction", float(motion_guided))):
+                     ("motion_guided_fraction", float(motion_guided)), ("motion_final_t", motion_final_t)):
             object.__setattr__(self, k, v)
 
     @staticmethod
@@ -100,13 +107,15 @@ class Sampling:
     def describe(self) -> str:
         """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2; motion dpmpp_2m 8 steps, guidance 2
         on the first 4 steps"."""
-        def one(sampler, steps, guidance, fraction):
+        def one(sampler, steps, guidance, fraction, final_t=None):
             guided = self.guided_steps(fraction, steps)
-            return (f"{sampler} {steps} steps, guidance {guidance:g}"
+            return (f"{sampler} {steps} steps" + (f" to t = {final_t}" if final_t is not None else "")
+                    + f", guidance {guidance:g}"
                     + (f" on the first {guided} step{'s' if guided != 1 else ''}" if guided < steps and guidance != 1
                        else ""))
         static = one(self.sampler, self.steps, self.guidance, self.guided_fraction)
-        motion = one(self.motion_sampler, self.motion_steps, self.motion_guidance, self.motion_guided_fraction)
+        motion = one(self.motion_sampler, self.motion_steps, self.motion_guidance, self.motion_guided_fraction,
+                     self.motion_final_t)
         return static if static == motion else f"static {static}; motion {motion}"
 
     def chain_args(self) -> dict:
@@ -115,12 +124,14 @@ class Sampling:
                 "motion_sampler": self.motion_sampler, "motion_steps": self.motion_steps,
                 "motion_guidance": self.motion_guidance,
                 "guided_steps": self.guided_steps(self.guided_fraction, self.steps),
-                "motion_guided_steps": self.guided_steps(self.motion_guided_fraction, self.motion_steps)}
+                "motion_guided_steps": self.guided_steps(self.motion_guided_fraction, self.motion_steps),
+                "motion_final_t": self.motion_final_t}
 
     def shared(self) -> bool:
-        """Whether both models sample alike (sampler, steps, guidance and guided fraction)."""
-        return ((self.sampler, self.steps, self.guidance, self.guided_fraction)
-                == (self.motion_sampler, self.motion_steps, self.motion_guidance, self.motion_guided_fraction))
+        """Whether both models sample alike (sampler, steps, guidance, guided fraction and the trailing grid)."""
+        return ((self.sampler, self.steps, self.guidance, self.guided_fraction, None)
+                == (self.motion_sampler, self.motion_steps, self.motion_guidance, self.motion_guided_fraction,
+                    self.motion_final_t))
 
 
 @dataclass
@@ -274,7 +285,9 @@ def manifest_row(sid: str, subject: Synthetic, request: dict, sampling: Sampling
            "slice_mm": round(v["slice_mm"], 3), "sampler": sampling.sampler, "steps": sampling.steps,
            "motion_sampler": sampling.motion_sampler, "motion_steps": sampling.motion_steps, "guidance": sampling.guidance,
            "motion_guidance": sampling.motion_guidance, "guided_fraction": sampling.guided_fraction,
-           "motion_guided_fraction": sampling.motion_guided_fraction, "keyframes": sampling.keyframes,
+           "motion_guided_fraction": sampling.motion_guided_fraction,
+           "motion_final_t": "" if sampling.motion_final_t is None else sampling.motion_final_t,
+           "keyframes": sampling.keyframes,
            "precision": subject.precision}
     for k in MEASURES:
         m = float(subject.measured[k])

@@ -98,12 +98,24 @@ def timestep_buckets(t: torch.Tensor, sched: Schedule, n: int = 4) -> torch.Tens
     return (t.long() * n) // sched.n_steps
 
 
-def ddim_timesteps(sched: Schedule, steps: int) -> list[int]:
+def ddim_timesteps(sched: Schedule, steps: int, final_t: int | None = None) -> list[int]:
     """'Trailing' spacing (Lin et al. Table 2): descending from n_steps - 1, so the first step sees the noisiest
-    level, the one pure noise x_T stands for; 'leading' spacing would start at, e.g., 960 of 1000."""
+    level, the one pure noise x_T stands for; 'leading' spacing would start at, e.g., 960 of 1000.
+
+    final_t: the last (least noisy) timestep instead of the trailing grid's n_steps / steps - 1, the steps evenly
+    spaced from n_steps - 1 down to it (Lin et al.'s 'linspace' spacing, which ends at 0, with another end). The
+    last step predicts the clean sample from final_t in one jump; at 8 of 1000 steps the trailing grid jumps from
+    t = 124, where the prediction is a posterior mean that has averaged fine detail away."""
     if not 1 <= steps <= sched.n_steps:
         raise ValueError(f"steps must be in [1, {sched.n_steps}], got {steps}")
-    return [round(sched.n_steps - i * sched.n_steps / steps) - 1 for i in range(steps)]
+    if final_t is None:
+        return [round(sched.n_steps - i * sched.n_steps / steps) - 1 for i in range(steps)]
+    if not 0 <= final_t <= sched.n_steps - steps:
+        raise ValueError(f"the final timestep must be in [0, {sched.n_steps - steps}] for {steps} steps, got {final_t}")
+    if steps == 1:
+        return [sched.n_steps - 1]
+    first = sched.n_steps - 1
+    return [round(first - i * (first - final_t) / (steps - 1)) for i in range(steps)]
 
 
 def _cat_cond(cond, uncond):

@@ -19,7 +19,7 @@ from synth4d.cine.priors import warp_phases
 from synth4d.nets.config import GridConfig
 from synth4d.nets.conditions import cond_tensors, motion_context, null_conditions
 from synth4d.nets.device import autocast
-from synth4d.nets.diffusion import SAMPLERS, Schedule
+from synth4d.nets.diffusion import SAMPLERS, Schedule, ddim_timesteps
 from synth4d.nets.unet import UNet
 from synth4d.nets.vae import VAE
 
@@ -79,8 +79,9 @@ class Generator4D:
 
     @torch.no_grad()
     def sample_motion(self, z_ed, n_slices, cond, phases, generator, steps, guidance, sampler="ddim",
-                      guided_steps=None) -> torch.Tensor:
+                      guided_steps=None, final_t=None) -> torch.Tensor:
         """z_ED (1, C, X, Y, Z), its real slice count, cond (batch 1), phases (T,) -> latents (T, C, X, Y, Z).
+        final_t: the step grid's last timestep (nets.diffusion.ddim_timesteps; None: the trailing grid).
 
         The residual at phase 0 (ED) is zero by construction, and each frame's DDIM path is its own,
         so ED frames are not sampled at all (1/12 of the work at 12 keyframes).
@@ -102,7 +103,8 @@ class Generator4D:
 
             residual[todo] = SAMPLERS[sampler](model_fn, x_T, self.sched, steps=steps, guidance=guidance, cond=sub,
                                                uncond=null_conditions(sub, self.motion.cond_embed.null_dx),
-                                               pred=self.pred, guided_steps=guided_steps)
+                                               pred=self.pred, guided_steps=guided_steps,
+                                               timesteps=ddim_timesteps(self.sched, steps, final_t))
         residual[phases == 0] = 0
         return z_ed + residual / self.residual_scale
 
@@ -123,7 +125,7 @@ class Generator4D:
 
     def generate(self, values: dict, n_slices, phases, seed, steps=25, guidance=2.0, keyframes=0, timings=None,
                  sampler="ddim", motion_sampler=None, motion_steps=None, motion_guidance=None, guided_steps=None,
-                 motion_guided_steps=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 motion_guided_steps=None, motion_final_t=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One subject: condition values (dx and scalars, see nets.conditions) -> image, labels (X, Y, Z, T).
 
         keyframes > 0 and fewer than the phases asked for: the motion model samples that many evenly
@@ -132,6 +134,7 @@ class Generator4D:
         nets.diffusion.SAMPLERS, with `steps` network evaluations (times two with guidance) per model;
         motion_sampler, motion_steps and motion_guidance, when given, are the motion model's own. guided_steps
         and motion_guided_steps: guidance on only that many of each model's first (noisiest) steps (None: all).
+        motion_final_t: the last timestep of the motion model's step grid (None: the trailing grid's).
         values["es_phase"], when given (with weights whose priors have an ES phase anchor): the motion model's
         cycle is warped (cine.priors.warp_phases) so that its ES, at the anchor phase, comes at es_phase.
         """
@@ -148,11 +151,11 @@ class Generator4D:
         if 0 < keyframes < len(phases):
             keys = self.sample_motion(z_ed, n_slices, motion_cond, [k / keyframes for k in range(keyframes)],
                                       generator, motion_steps, motion_guidance, motion_sampler,
-                                      motion_guided_steps)                                  # (K, C, X, Y, Z)
+                                      motion_guided_steps, motion_final_t)                  # (K, C, X, Y, Z)
             z = z_ed + periodic_interpolate(keys - z_ed, phases)                          # (T, C, X, Y, Z)
         else:
             z = self.sample_motion(z_ed, n_slices, motion_cond, phases, generator, motion_steps, motion_guidance,
-                                   motion_sampler, motion_guided_steps)
+                                   motion_sampler, motion_guided_steps, motion_final_t)
         t2 = time.perf_counter()
         image, labels = self.decode(z)
         if timings is not None:

@@ -136,15 +136,16 @@ def train_steps_per_s(p, vae, static, motion):
 
 
 def parse_setting(text: str) -> tuple:
-    """sampler:steps:keyframes:precision[:guidance[:guided fraction]], sampler, steps, guidance and guided
-    fraction each one value (both models) or STATIC/MOTION -> (Sampling, precision)."""
+    """sampler:steps:keyframes:precision[:guidance[:guided fraction[:motion final t]]], sampler, steps, guidance
+    and guided fraction each one value (both models) or STATIC/MOTION -> (Sampling, precision)."""
     sampler, steps, keyframes, precision, *rest = text.split(":")
     (sampler, *m_sampler), (steps, *m_steps) = sampler.split("/"), steps.split("/")
     guidance, *m_guidance = rest[0].split("/") if rest else ["2"]
     guided, *m_guided = rest[1].split("/") if len(rest) > 1 else [None]
     return Sampling(sampler, int(steps), float(guidance), int(keyframes), (m_sampler or [None])[0],
                     int(m_steps[0]) if m_steps else None, float(m_guidance[0]) if m_guidance else None,
-                    None if guided is None else float(guided), float(m_guided[0]) if m_guided else None), precision
+                    None if guided is None else float(guided), float(m_guided[0]) if m_guided else None,
+                    int(rest[2]) if len(rest) > 2 else None), precision
 
 
 def setting_name(sampling: Sampling, precision: str) -> str:
@@ -153,8 +154,11 @@ def setting_name(sampling: Sampling, precision: str) -> str:
     sampler = sampling.sampler if sampling.sampler == sampling.motion_sampler else \
         f"{sampling.sampler}/{sampling.motion_sampler}"
     guided = (sampling.guided_fraction, sampling.motion_guided_fraction)
+    end = sampling.motion_final_t
     return (f"{sampler}:{pair(sampling.steps, sampling.motion_steps)}:{sampling.keyframes}:{precision}:"
-            f"{pair(sampling.guidance, sampling.motion_guidance)}" + (f":{pair(*guided)}" if guided != (1, 1) else ""))
+            f"{pair(sampling.guidance, sampling.motion_guidance)}"
+            + (f":{pair(*guided)}" if guided != (1, 1) or end is not None else "")
+            + (f":{end}" if end is not None else ""))
 
 
 def main():

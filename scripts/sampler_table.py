@@ -4,14 +4,16 @@ against a real one, print one table (the model card's "Sampler" section).
 `python scripts/sampler_table.py REAL RUNS [--n 100] [--jobs 2] [--weights DIR] [--settings ...]` writes
 RUNS/<setting>/ (the generated set, its eval.json and seconds.json) and prints the table; rerun it to
 resume (generate skips complete subjects, an existing eval.json is kept). Each setting is
-sampler:steps:keyframes:seed[:precision[:guided fraction]] (precision as `generate --precision`, auto
-if not given; the guided fraction as `generate --guided-fraction`, 1 if not given: every step guided;
-sampler, steps and guided fraction may each be STATIC/MOTION, e.g. ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25
-for `--sampler ddim --steps 25 --motion-sampler dpmpp_2m --motion-steps 8 --guided-fraction 0.5
---motion-guided-fraction 0.25`, the default sampling). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
+sampler:steps:keyframes:seed[:precision[:guided fraction[:motion final t]]] (precision as `generate
+--precision`, auto if not given; the guided fraction as `generate --guided-fraction`, 1 if not given: every
+step guided; the motion model's final timestep as `generate --motion-final-t`, the trailing grid if not
+given; sampler, steps and guided fraction may each be STATIC/MOTION, e.g.
+ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20 for `--sampler ddim --steps 25 --motion-sampler dpmpp_2m
+--motion-steps 8 --guided-fraction 0.5 --motion-guided-fraction 0.25 --motion-final-t 20`, the default
+sampling). Requests cycle through NOR, DCM, HCM, MINF, RV (n / 5 per group) with
 everything else drawn from the prior; the same seed draws the same requests, so settings with one seed
-are paired, and two seeds of one setting measure the run-to-run noise. Settings with the first setting's
-seed are also compared with it subject by subject (`paired`): the difference in the r and MAE of each
+are paired, and two seeds of one setting measure the run-to-run noise. Each setting is also compared subject
+by subject (`paired`) with the first setting listed with its seed: the difference in the r and MAE of each
 measure and in the image change per frame, with a 95 % interval from resampling subjects. It prints
 figures and asserts nothing. Generation runs as `jobs` CLI processes with one thread each, side by side.
 """
@@ -29,15 +31,17 @@ DIAGNOSES = ("NOR", "DCM", "HCM", "MINF", "RV")
 SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:0", "dpmpp_2m:8:12:0",
             "dpmpp_2m:10:8:0", "ddim/dpmpp_2m:25/8:12:0", "ddim/dpmpp_2m:25/6:12:0", "ddim/dpmpp_2m:25/4:12:0",
             "ddim/dpmpp_2m:25/8:8:0", "ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25",
-            "ddim/dpmpp_2m:25/8:12:1:auto:0.5/0.25")   # the model card's rows (weights/README.md, "Samplers and steps")
+            "ddim/dpmpp_2m:25/8:12:1:auto:0.5/0.25", "ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20",
+            "ddim/dpmpp_2m:25/8:12:1:auto:0.5/0.25:20")   # the model card's rows (weights/README.md, "Samplers and steps")
 MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
 STRUCTURES = ("RV", "MYO", "LV")
 
 
 def generate_options(setting: str) -> list:
-    """`sampler:steps:keyframes:seed[:precision[:guided fraction]]` (sampler, steps and guided fraction may be
-    STATIC/MOTION) -> the options of `synth4d generate` that sample that way, the same for every job of the
-    setting. Without a guided fraction every step is guided (what `--sampler` alone implies)."""
+    """`sampler:steps:keyframes:seed[:precision[:guided fraction[:motion final t]]]` (sampler, steps and guided
+    fraction may be STATIC/MOTION) -> the options of `synth4d generate` that sample that way, the same for every
+    job of the setting. Without a guided fraction every step is guided (what `--sampler` alone implies), without
+    a final t the motion model's grid is the trailing one."""
     sampler, steps, keyframes, seed, *rest = setting.split(":")
     (sampler, *motion_sampler), (steps, *motion_steps) = sampler.split("/"), steps.split("/")
     cmd = ["--sampler", sampler, "--steps", steps, "--keyframes", keyframes, "--seed", seed,
@@ -47,6 +51,8 @@ def generate_options(setting: str) -> list:
     if len(rest) > 1:
         guided, *motion_guided = rest[1].split("/")
         cmd += ["--guided-fraction", guided, "--motion-guided-fraction", (motion_guided or [guided])[0]]
+    if len(rest) > 2:
+        cmd += ["--motion-final-t", rest[2]]
     return cmd
 
 
@@ -188,26 +194,33 @@ def main():
         results[setting] = run_setting(args.real, args.runs / setting.replace(":", "_").replace("/", "-"), setting, args.n, args.jobs,
                                        args.weights)
         print(f"done {setting}", file=sys.stderr)
-    head = ["sampler:steps:keyframes:seed[:precision[:guided fraction]]"] + [f"{k} r / MAE" for k in MEASURES] + [
+    head = ["sampler:steps:keyframes:seed[:precision[:guided fraction[:motion final t]]]"] + [f"{k} r / MAE" for k in MEASURES] + [
         "diagnosis consistency", "fvd_vae", "image change / frame", "ES phase sd", "realism " + " / ".join(STRUCTURES),
         "sharpness", "s / subject (machine)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for setting, r in results.items():
         print(row(setting, r))
-    reference = args.settings[0]
-    same_seed = [x for x in args.settings[1:] if x.split(":")[3] == reference.split(":")[3]]
-    if same_seed:
+    seed_of = lambda x: x.split(":")[3]   # noqa: E731
+    references = {}
+    for setting in args.settings:   # per seed, the first setting listed with it
+        references.setdefault(seed_of(setting), setting)
+    if any(references[seed_of(x)] != x for x in args.settings):
         from synth4d.weights.checkpoint import load_vae
         from synth4d.weights import DIR
         grid = load_vae((args.weights or DIR) / "vae.safetensors", "cpu")[1]["grid"]
         folder = lambda x: args.runs / x.replace(":", "_").replace("/", "-")   # noqa: E731
-        ref = per_subject(folder(reference), grid)
-        print(f"\npaired with {reference} (same requests and seeds; 95 % interval over subjects, * where it excludes 0):")
-        for setting in same_seed:
-            d = paired(ref, per_subject(folder(setting), grid))
-            print(f"  {setting}: " + "; ".join(f"{k} {v:+.4g} [{lo:+.4g}, {hi:+.4g}]{'*' if lo > 0 or hi < 0 else ''}"
-                                              for k, (v, lo, hi) in d.items()))
+        for reference in references.values():
+            same_seed = [x for x in args.settings if seed_of(x) == seed_of(reference) and x != reference]
+            if not same_seed:
+                continue
+            ref = per_subject(folder(reference), grid)
+            print(f"\npaired with {reference} (same requests and seeds; 95 % interval over subjects, * where it "
+                  f"excludes 0):")
+            for setting in same_seed:
+                d = paired(ref, per_subject(folder(setting), grid))
+                print(f"  {setting}: " + "; ".join(f"{k} {v:+.4g} [{lo:+.4g}, {hi:+.4g}]{'*' if lo > 0 or hi < 0 else ''}"
+                                                  for k, (v, lo, hi) in d.items()))
     if len(args.settings) < 2:
         return
     reference, repeat = args.settings[:2]

@@ -337,6 +337,28 @@ def test_non_finite_guidance_is_refused(tiny_weights, tmp_path, guidance):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_motion_grid_end_is_recorded_and_checked(tiny_weights, tmp_path):
+    """--motion-final-t reaches the manifest and the sidecar, changes the subject's request digest (a rerun with
+    another end refuses to mix the two), and an end that leaves too few timesteps is one clean error."""
+    import csv
+    import json
+    out = tmp_path / "o"
+    args = ["--weights", tiny_weights, "--n", 1, "--dx", "NOR", "--frames", 4, "--steps", 2, "--keyframes", 2]
+    run_cli("generate", *args, "--motion-final-t", 30, out)
+    row = next(csv.DictReader(open(out / "manifest.csv")))
+    assert row["motion_final_t"] == "30"
+    assert json.loads((out / "synth_0000.json").read_text())["sampling"]["motion_final_t"] == 30
+    result = CliRunner().invoke(cli, ["generate", *map(str, args), str(out)])
+    assert result.exit_code != 0 and "generated from another request" in str(result.exception)
+    run_cli("generate", *args, tmp_path / "trailing")
+    row = next(csv.DictReader(open(tmp_path / "trailing" / "manifest.csv")))
+    assert row["motion_final_t"] == "" and row["request"] != next(csv.DictReader(open(out / "manifest.csv")))["request"]
+    assert json.loads((tmp_path / "trailing" / "synth_0000.json").read_text())["sampling"]["motion_final_t"] is None
+    result = CliRunner().invoke(cli, ["generate", *map(str, args), "--motion-final-t", "999", str(tmp_path / "bad")])
+    assert result.exit_code != 0 and "final timestep must be between 0 and 998 for 2 steps" in str(result.exception)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_fault_at_any_atomic_write_is_completed_by_a_rerun(tiny_weights, tmp_path, monkeypatch):
     """Raise at the k-th atomic write of a run (probe, pending marker, image, mask, manifest), then rerun the
     same command: always completes, byte for byte as an uninterrupted run."""
@@ -429,6 +451,39 @@ def test_sampler_options_resolve_per_model(monkeypatch):
                 {"guided_fraction": float("nan")}):
         with pytest.raises(UserError):
             Sampling(**bad)
+
+
+def test_the_motion_grid_end_goes_with_the_default_motion_sampling():
+    from synth4d.jobs.synthesize import DEFAULT_MOTION, Sampling
+    assert DEFAULT_MOTION[4] == 20 and Sampling().motion_final_t == 20
+    assert Sampling().chain_args()["motion_final_t"] == 20
+    assert Sampling().describe() == ("static ddim 25 steps, guidance 2 on the first 12 steps; motion dpmpp_2m 8 steps "
+                                     "to t = 20, guidance 2 on the first 2 steps")
+    assert Sampling(motion_guided_fraction=0.5).motion_final_t == 20               # the default's steps and sampler
+    # other motion steps or samplers, or any static option given: the trailing grid (None), unless given
+    for other in (Sampling(motion_steps=10), Sampling(motion_sampler="ddim"), Sampling("ddim", 25), Sampling(steps=8)):
+        assert other.motion_final_t is None and other.chain_args()["motion_final_t"] is None
+    assert Sampling("ddim", 25).shared() and not Sampling("ddim", 25, motion_final_t=20).shared()
+    assert Sampling(motion_steps=10, motion_final_t=0).motion_final_t == 0
+    assert Sampling("ddim", 25, motion_final_t=975).motion_final_t == 975
+    for bad in (976, -1):   # 25 steps need 25 distinct timesteps from 999 down
+        with pytest.raises(UserError, match="final timestep"):
+            Sampling("ddim", 25, motion_final_t=bad)
+
+
+def test_the_motion_model_samples_on_the_asked_grid(tiny_weights, monkeypatch):
+    import synth4d.nets.diffusion as diffusion
+    from synth4d.jobs.synthesize import Sampling, load
+    model = load(tiny_weights)
+    grids = []
+    for name, fn in list(diffusion.SAMPLERS.items()):
+        monkeypatch.setitem(diffusion.SAMPLERS, name,
+                            lambda *a, fn=fn, **k: grids.append(k.get("timesteps")) or fn(*a, **k))
+    model.generate(dx="NOR", frames=5, sampling=Sampling(steps=3, keyframes=3, motion_steps=4, motion_final_t=40))
+    assert grids[:2] == [None, [999, 679, 360, 40]]     # the static model's own grid untouched
+    grids.clear()
+    model.generate(dx="NOR", frames=5, sampling=Sampling(steps=3, keyframes=3, motion_steps=4))
+    assert grids[:2] == [None, [999, 749, 499, 249]]    # the trailing grid
 
 
 def test_es_phase_warps_the_motion_cycle(tiny_weights, monkeypatch):

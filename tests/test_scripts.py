@@ -38,6 +38,8 @@ def test_generate_options_per_model():
     assert (guided["--guided-fraction"], guided["--motion-guided-fraction"]) == ("0.5", "0.25")
     both = options(table.generate_options("ddim:25:12:1:bf16:0.4"))
     assert (both["--precision"], both["--guided-fraction"], both["--motion-guided-fraction"]) == ("bf16", "0.4", "0.4")
+    assert "--motion-final-t" not in both
+    assert options(table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20"))["--motion-final-t"] == "20"
 
 
 def test_guided_fraction_options_sample_the_default(tmp_path, monkeypatch):
@@ -50,14 +52,17 @@ def test_guided_fraction_options_sample_the_default(tmp_path, monkeypatch):
     table = load("sampler_table")
     seen = []
     monkeypatch.setattr(gen, "generate", lambda out, **kw: seen.append(kw) or [])
-    for opts in ([], table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25"), table.generate_options("ddim:25:12:0")):
+    for opts in ([], table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20"),
+                 table.generate_options("ddim:25:12:0"), table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25")):
         result = CliRunner().invoke(synth4d.cli, ["generate", str(tmp_path / "out"), *opts])
         assert result.exit_code == 0, result.output
     fields = ("sampler", "steps", "guidance", "keyframes", "motion_sampler", "motion_steps", "motion_guidance",
-              "guided_fraction", "motion_guided_fraction")
-    default, written, ddim = (Sampling(**{k: kw[k] for k in fields}) for kw in seen)
+              "guided_fraction", "motion_guided_fraction", "motion_final_t")
+    default, written, ddim, trailing = (Sampling(**{k: kw[k] for k in fields}) for kw in seen)
     assert default == written and default.chain_args()["guided_steps"] == 12
+    assert default.motion_final_t == 20 and trailing.motion_final_t is None   # the previous default: trailing grid
     assert ddim != default and ddim.chain_args()["motion_guided_steps"] == 25   # no fraction: every step guided
+    assert ddim.motion_final_t is None
 
 
 def test_every_job_samples_the_same_way(tmp_path, monkeypatch):
@@ -99,6 +104,27 @@ def test_one_setting_prints_its_row(tmp_path, monkeypatch, capsys):
                                       "--settings", "ddim/dpmpp_2m:25/8:12:0"])
     table.main()
     assert capsys.readouterr().out.strip().splitlines()[-1] == "| ddim/dpmpp_2m:25/8:12:0 |"
+
+
+def test_each_setting_is_paired_with_the_first_of_its_seed(tmp_path, monkeypatch, capsys):
+    """Paired comparisons set each setting against the first setting listed with the same seed (same requests),
+    never a seed-1 row against a seed-0 one."""
+    import synth4d.weights.checkpoint as checkpoint
+    table = load("sampler_table")
+    monkeypatch.setattr(table, "run_setting", lambda real, out, setting, n, jobs, weights: {"setting": setting})
+    monkeypatch.setattr(table, "row", lambda setting, r: f"| {r['setting']} |")
+    monkeypatch.setattr(table, "beyond_noise", lambda results, reference, repeat: {})
+    monkeypatch.setattr(checkpoint, "load_vae", lambda path, device: (None, {"grid": None}))
+    monkeypatch.setattr(table, "per_subject", lambda folder, grid: folder.name)
+    pairs = []
+    monkeypatch.setattr(table, "paired", lambda a, b: pairs.append((a, b)) or {})
+    settings = ["ddim:25:12:0", "ddim:25:12:1", "ddim/dpmpp_2m:25/8:12:0", "ddim/dpmpp_2m:25/8:12:1",
+                "ddim/dpmpp_2m:25/8:12:2"]
+    monkeypatch.setattr(sys, "argv", ["sampler_table.py", str(tmp_path / "real"), str(tmp_path / "runs"),
+                                      "--settings", *settings])
+    table.main()
+    assert pairs == [("ddim_25_12_0", "ddim-dpmpp_2m_25-8_12_0"), ("ddim_25_12_1", "ddim-dpmpp_2m_25-8_12_1")]
+    assert capsys.readouterr().out.count("paired with") == 2
 
 
 def test_es_phase_prior_added_to_older_weights(tiny_weights, tiny_phantom, tmp_path, monkeypatch):
@@ -154,3 +180,16 @@ def test_paired_differences_against_numpy():
     assert e["lvef r"][0] == pytest.approx(np.corrcoef(req, [c[i]["measured lvef"] for i in ids])[0, 1]
                                            - np.corrcoef(req, [a[i]["measured lvef"] for i in ids])[0, 1])
     assert e["lvef mae"][1] < e["lvef mae"][0] < e["lvef mae"][2] and e["image change"] == (0.0, 0.0, 0.0)
+
+
+def test_benchmark_settings_name_and_parse_back():
+    """The benchmark's setting strings round-trip, the default's grid end included (so its rows time the default)."""
+    from synth4d.jobs.synthesize import Sampling
+    bench = load("benchmark")
+    assert bench.setting_name(Sampling(), "auto") == "ddim/dpmpp_2m:25/8:12:auto:2:0.5/0.25:20"
+    for sampling, precision in ((Sampling(), "auto"), (Sampling("ddim", 25), "fp32"),
+                                (Sampling("ddim", 25, motion_sampler="dpmpp_2m", motion_steps=8), "bf16"),
+                                (Sampling("ddim", 25, motion_final_t=60), "auto")):
+        name = bench.setting_name(sampling, precision)
+        assert bench.parse_setting(name) == (sampling, precision), name
+    assert bench.parse_setting("ddim/dpmpp_2m:25/8:12:auto:2:0.5/0.25")[0].motion_final_t is None   # trailing

@@ -46,6 +46,9 @@ the manifests, sidecars and generate.jsonl (the weights' identity) and eval.json
 phantom's files and segment's kept their records. And once more when eval's coherence and reconstruction
 figures gained the ED-ES change ("ed_es_change"): only eval.json changed (generation's diagnosis check, added
 just before, changed no recorded file: every generated subject met its group's criteria at the first draw).
+And once more when the manifest and sidecars gained the motion model's final timestep ("motion_final_t", empty
+or null for the trailing grid the commands use): only manifest.csv, generate.jsonl and the sidecars changed, their
+numbers and every NIfTI file kept their records.
 Every command runs in a fresh process on one thread: with two threads, float sums in
 the convolutions are ordered differently and generated intensities differ in the last bits. Text
 outputs name files relative to the working folder; the shipped weights' folder, which differs
