@@ -118,14 +118,16 @@ def judged(r: dict) -> dict:
 
 
 def beyond_noise(results: dict, reference: str, repeat: str) -> dict:
-    """Per setting, the figures that differ from `reference` by more than `repeat` (the same setting with
-    another seed) does, the run-to-run noise measured once per figure: {"worse": [...], "better": [...]}."""
-    ref, noise = judged(results[reference]), judged(results[repeat])
-    noise = {k: abs(noise[k] - ref[k]) for k in ref}
+    """Per setting, the figures that differ from the reference setting with its seed (`reference`, or `repeat`, the
+    same setting with another seed, for the settings with repeat's seed: the same requests) by more than the two
+    seeds of the reference differ, the run-to-run noise measured once per figure: {"worse": [...], "better": [...]}."""
+    bases = {reference: judged(results[reference]), repeat: judged(results[repeat])}
+    noise = {k: abs(bases[repeat][k] - bases[reference][k]) for k in bases[reference]}
     out = {}
     for s, r in results.items():
         if s in (reference, repeat):
             continue
+        ref = bases[repeat if s.split(":")[3] == repeat.split(":")[3] else reference]
         moved = {k: v - ref[k] for k, v in judged(r).items() if abs(v - ref[k]) > noise[k]}
         out[s] = {"worse": [k for k, d in moved.items() if (d > 0) != higher_is_better(k)],
                   "better": [k for k, d in moved.items() if (d > 0) == higher_is_better(k)]}
@@ -225,7 +227,7 @@ def main():
         return
     reference, repeat = args.settings[:2]
     if reference.split(":")[:3] == repeat.split(":")[:3] and reference.split(":")[4:] == repeat.split(":")[4:]:
-        print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of {reference}:")
+        print(f"\nbeyond the run-to-run noise (|{reference} - {repeat}|) of the one of them with the same seed:")
         for setting, moved in beyond_noise(results, reference, repeat).items():
             print(f"  {setting}: worse {', '.join(moved['worse']) or 'none'}; better {', '.join(moved['better']) or 'none'}")
 

@@ -127,6 +127,17 @@ def test_each_setting_is_paired_with_the_first_of_its_seed(tmp_path, monkeypatch
     assert capsys.readouterr().out.count("paired with") == 2
 
 
+def test_beyond_noise_compares_each_row_with_the_reference_of_its_seed(monkeypatch):
+    """A seed-1 row is set against the reference's seed-1 run (the same requests), not its seed-0 one."""
+    table = load("sampler_table")
+    monkeypatch.setattr(table, "judged", lambda r: r)
+    results = {"ddim:25:12:0": {"lvef r": 0.90, "fvd_vae": 1.0}, "ddim:25:12:1": {"lvef r": 0.92, "fvd_vae": 1.0},
+               "x:8:12:0": {"lvef r": 0.89, "fvd_vae": 1.5}, "x:8:12:1": {"lvef r": 0.93, "fvd_vae": 0.5}}
+    moved = table.beyond_noise(results, "ddim:25:12:0", "ddim:25:12:1")
+    # noise: 0.02 in lvef r, 0 in fvd_vae; seed 1's row is 0.01 above its own reference (0.03 above seed 0's)
+    assert moved == {"x:8:12:0": {"worse": ["fvd_vae"], "better": []}, "x:8:12:1": {"worse": [], "better": ["fvd_vae"]}}
+
+
 def test_es_phase_prior_added_to_older_weights(tiny_weights, tiny_phantom, tmp_path, monkeypatch):
     """scripts/es_phase_prior.py gives a static checkpoint from before the ES phase prior the prior training
     now fits, with the anchor measured on a generated folder, and keeps its tensors."""
