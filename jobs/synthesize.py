@@ -105,8 +105,8 @@ class Sampling:
         return min(steps, math.floor(fraction * steps + 1e-9))
 
     def describe(self) -> str:
-        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2; motion dpmpp_2m 8 steps, guidance 2
-        on the first 4 steps"."""
+        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2 on the first 12 steps; motion dpmpp_2m 8
+        steps to t = 20, guidance 2 on the first 2 steps" (the default)."""
         def one(sampler, steps, guidance, fraction, final_t=None):
             guided = self.guided_steps(fraction, steps)
             return (f"{sampler} {steps} steps" + (f" to t = {final_t}" if final_t is not None else "")
