@@ -300,8 +300,9 @@ def _prior_options(f):
               help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022). "
                    "Without --sampler, --steps or --guidance: DDIM 25 steps for the static model and DPM-Solver++(2M) "
                    "8 steps for the motion model (its grid ending at t = 20), guidance 2 on the noisiest 12 and 2 of "
-                   "those steps (0.38 of the time of --sampler ddim --steps 25, with 2.3-2.6 % less frame-to-frame change "
-                   "and the other figures unchanged or better; every setting measured: the model card, weights/README.md).")
+                   "those steps (0.37-0.39 of the time of --sampler ddim --steps 25, with 2.3-2.6 % less frame-to-frame "
+                   "change and the other figures within the run-to-run noise or better, but for one seed's sharpness; "
+                   "every setting measured: the model card, weights/README.md).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
               help="Sampler steps of each model [ddim 25, dpmpp_2m 15].")
 @click.option("--motion-sampler", type=click.Choice(("ddim", "dpmpp_2m")), default=None,
