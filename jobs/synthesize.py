@@ -82,13 +82,13 @@ class Sampling:
         guidance = DEFAULT_GUIDANCE if self.guidance is None else self.guidance
         # A given sampler, steps or guidance without a fraction guide every step (--sampler ddim --steps 25 is DDIM 25)
         guided = self.guided_fraction if self.guided_fraction is not None else 1.0 if given else DEFAULT_GUIDED
-        motion = (sampler, steps, guidance, guided) if given else DEFAULT_MOTION
+        motion = (sampler, steps, guidance, guided, None) if given else DEFAULT_MOTION
         motion_sampler = self.motion_sampler or motion[0]
         motion_steps = (self.motion_steps or self.steps
                         or (motion[1] if motion_sampler == motion[0] else DEFAULT_STEPS[motion_sampler]))
         motion_guidance = motion[2] if self.motion_guidance is None else self.motion_guidance
         motion_guided = motion[3] if self.motion_guided_fraction is None else self.motion_guided_fraction
-        default_end = motion[4] if len(motion) > 4 and (motion_sampler, motion_steps) == motion[:2] else None
+        default_end = motion[4] if (motion_sampler, motion_steps) == motion[:2] else None
         motion_final_t = default_end if self.motion_final_t is None else self.motion_final_t
         if motion_final_t is not None and not 0 <= motion_final_t <= 1000 - motion_steps:
             raise UserError(f"the motion model's final timestep must be between 0 and {1000 - motion_steps} for "

@@ -117,6 +117,11 @@ def judged(r: dict) -> dict:
     return {k: abs(v - real[REAL_TARGET[k]]) if k in REAL_TARGET else v for k, v in f.items()}
 
 
+def seed_of(setting: str) -> str:
+    """The seed field of a setting (settings with one seed draw the same requests)."""
+    return setting.split(":")[3]
+
+
 def beyond_noise(results: dict, reference: str, repeat: str) -> dict:
     """Per setting, the figures that differ from the reference setting with its seed (`reference`, or `repeat`, the
     same setting with another seed, for the settings with repeat's seed: the same requests) by more than the two
@@ -127,7 +132,7 @@ def beyond_noise(results: dict, reference: str, repeat: str) -> dict:
     for s, r in results.items():
         if s in (reference, repeat):
             continue
-        ref = bases[repeat if s.split(":")[3] == repeat.split(":")[3] else reference]
+        ref = bases[repeat if seed_of(s) == seed_of(repeat) else reference]
         moved = {k: v - ref[k] for k, v in judged(r).items() if abs(v - ref[k]) > noise[k]}
         out[s] = {"worse": [k for k, d in moved.items() if (d > 0) != higher_is_better(k)],
                   "better": [k for k, d in moved.items() if (d > 0) == higher_is_better(k)]}
@@ -203,7 +208,6 @@ def main():
     print("|" + "---|" * len(head))
     for setting, r in results.items():
         print(row(setting, r))
-    seed_of = lambda x: x.split(":")[3]   # noqa: E731
     references = {}
     for setting in args.settings:   # per seed, the first setting listed with it
         references.setdefault(seed_of(setting), setting)

@@ -417,7 +417,7 @@ def test_sampler_options_resolve_per_model(monkeypatch):
     import synth4d.jobs.synthesize as synthesize
     from synth4d.jobs.synthesize import Sampling
     steps = lambda s: (s.sampler, s.steps, s.guidance, s.motion_sampler, s.motion_steps, s.motion_guidance)  # noqa: E731
-    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 1.0, 1.0))
+    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 1.0, 1.0, None))
     monkeypatch.setattr(synthesize, "DEFAULT_GUIDED", 1.0)
     assert steps(Sampling()) == ("ddim", 25, 2, "dpmpp_2m", 8, 1)                     # the defaults: one per model
     assert steps(Sampling("ddim", 25)) == ("ddim", 25, 2, "ddim", 25, 2)              # the reference: both DDIM 25
@@ -431,7 +431,7 @@ def test_sampler_options_resolve_per_model(monkeypatch):
     assert Sampling(motion_steps=5).describe() == "static ddim 25 steps, guidance 2; motion dpmpp_2m 5 steps, guidance 1"
     assert Sampling("ddim").describe() == "ddim 25 steps, guidance 2" and Sampling("ddim").shared()
     fractions = lambda s: (s.guided_fraction, s.motion_guided_fraction)  # noqa: E731
-    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 2.0, 0.5))
+    monkeypatch.setattr(synthesize, "DEFAULT_MOTION", ("dpmpp_2m", 8, 2.0, 0.5, None))
     assert fractions(Sampling()) == (1.0, 0.5) and fractions(Sampling(motion_steps=6)) == (1.0, 0.5)
     monkeypatch.setattr(synthesize, "DEFAULT_GUIDED", 0.48)
     assert fractions(Sampling()) == (0.48, 0.5) and fractions(Sampling("ddim", 25)) == (1.0, 1.0)
