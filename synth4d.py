@@ -296,18 +296,18 @@ def _prior_options(f):
               help=f"CSV, one subject per row: any of dx, {', '.join(MEASURES)}, es_phase, frames.")
 @click.option("--frames", type=click.IntRange(min=2, max=200), default=30, show_default=True, help="Frames per cardiac cycle.")
 @click.option("--slices", type=click.IntRange(min=1), default=None, help="Short-axis slices [drawn from the prior].")
-@click.option("--sampler", type=click.Choice(("ddim", "dpmpp_2m")), default=None,
-              help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022). "
-                   "Without --sampler, --steps or --guidance: DDIM 25 steps for the static model and DPM-Solver++(2M) "
-                   "8 steps for the motion model (its grid ending at t = 20), guidance 2 on the noisiest 12 and 2 of "
-                   "those steps (0.37-0.39 of the time of --sampler ddim --steps 25, with 2.3-2.6 % less frame-to-frame "
-                   "change and the other figures within the run-to-run noise or better, but for one seed's sharpness; "
-                   "every setting measured: the model card, weights/README.md).")
+@click.option("--sampler", type=click.Choice(("ddim", "dpmpp_2m", "unipc")), default=None,
+              help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022); "
+                   "unipc, UniPC-2 (Zhao et al. 2023). Without --sampler, --steps or --guidance: DDIM 25 steps for the "
+                   "static model and UniPC 8 steps for the motion model (its grid ending at t = 20), guidance 2 on the "
+                   "noisiest 12 and 2 of those steps: 0.39 of the time of --sampler ddim --steps 25, with every figure "
+                   "within the run-to-run noise of it or better, subject by subject on two seeds (every setting "
+                   "measured: the model card, weights/README.md).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,
-              help="Sampler steps of each model [ddim 25, dpmpp_2m 15].")
-@click.option("--motion-sampler", type=click.Choice(("ddim", "dpmpp_2m")), default=None,
+              help="Sampler steps of each model [ddim 25, dpmpp_2m and unipc 15].")
+@click.option("--motion-sampler", type=click.Choice(("ddim", "dpmpp_2m", "unipc")), default=None,
               help="The motion model's own sampler [as --sampler when --sampler, --steps or --guidance is given, "
-                   "else dpmpp_2m].")
+                   "else unipc].")
 @click.option("--motion-steps", type=click.IntRange(min=1, max=1000), default=None,
               help="The motion model's own steps [as --steps when --sampler, --steps or --guidance is given, else 8 "
                    "(25 with --motion-sampler ddim)]; the motion model takes most of the time.")

@@ -34,11 +34,11 @@ MAX_FRAMES = 200
 
 
 DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = {"ddim": 25, "dpmpp_2m": 15}   # per sampler, when steps are not given
+DEFAULT_STEPS = {"ddim": 25, "dpmpp_2m": 15, "unipc": 15}   # per sampler, when steps are not given
 DEFAULT_GUIDANCE = 2.0
 DEFAULT_GUIDED = 0.5    # the fraction of the static model's steps (the noisiest) that are guided: 12 of 25
-DEFAULT_MOTION = ("dpmpp_2m", 8, 2.0, 0.25, 20)  # (sampler, steps, guidance, guided fraction: 2 of 8, final timestep)
-                                                 # of the motion model when none of the static model's four is given
+DEFAULT_MOTION = ("unipc", 8, 2.0, 0.25, 20)  # (sampler, steps, guidance, guided fraction: 2 of 8, final timestep)
+                                              # of the motion model when none of the static model's four is given
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ class Sampling:
         return min(steps, math.floor(fraction * steps + 1e-9))
 
     def describe(self) -> str:
-        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2 on the first 12 steps; motion dpmpp_2m 8
+        """e.g. "ddim 25 steps, guidance 2" or "static ddim 25 steps, guidance 2 on the first 12 steps; motion unipc 8
         steps to t = 20, guidance 2 on the first 2 steps" (the default)."""
         def one(sampler, steps, guidance, fraction, final_t=None):
             guided = self.guided_steps(fraction, steps)

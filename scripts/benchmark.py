@@ -3,7 +3,8 @@ settings (and their ratios to the reference), peak memory, training steps/s and 
 bf16, paper preset.
 
 Run `python scripts/benchmark.py [--weights DIR]` on an otherwise idle machine; it prints figures, it
-asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run.
+asserts nothing (timed tests are noise). Medians over repeats, all measured in this one run; the generation
+settings are timed in rounds, one subject of each per round, so that a slow spell of the host falls on all alike.
 Without --weights, networks are randomly initialised: timing does not depend on the values.
 """
 from __future__ import annotations
@@ -170,7 +171,9 @@ def main():
     ap.add_argument("--keyframes", type=int, default=12, help="as `synth4d generate --keyframes` (0: every frame)")
     ap.add_argument("--compare", nargs="*", default=["ddim:25:12:fp32", "dpmpp_2m:15:12:auto", "dpmpp_2m:10:12:auto"],
                     help="sampler:steps:keyframes:precision settings timed beside DDIM (the reference, precision auto) "
-                         "and the default, with their ratio to the reference; an optional fifth field is the guidance [2], a sixth the guided fraction [1]; "
+                         "and the default, with their ratio to the reference; an optional fifth field is the guidance "
+                         "[2], a sixth the guided fraction [1], a seventh the motion model's final timestep [the "
+                         "trailing grid]; "
                          "sampler, steps and guidance may each be STATIC/MOTION (ddim/dpmpp_2m:25/8:12:auto:2/1 is "
                          "--sampler ddim --steps 25 --guidance 2 --motion-sampler dpmpp_2m --motion-steps 8 "
                          "--motion-guidance 1)")
@@ -205,28 +208,36 @@ def main():
     reference = (Sampling("ddim", args.steps, keyframes=args.keyframes), "auto")   # `generate --sampler ddim --steps 25`
     default = (Sampling(), "auto")                                                  # `generate`
     settings = list(dict.fromkeys([reference, default] + [parse_setting(c) for c in args.compare]))
-    medians = {}
-    for sampling, precision in settings:
-        set_precision(precision)
-        per_subject, stages = [], []
-        for i in range(args.subjects):
+    # Round by round, one subject of every setting in turn: a slow spell of the host (a shared machine's
+    # neighbours) then falls on every setting alike instead of on whichever setting's block it meets.
+    per_subject = {s: [] for s in settings}
+    stages = {s: [] for s in settings}
+    for i in range(args.subjects):
+        for setting in settings:
+            sampling, precision = setting
+            set_precision(precision)
             timings = {}
             t = time.perf_counter()
             chain.generate(values, Z, [k / args.frames for k in range(args.frames)], seed=i, timings=timings,
                            **sampling.chain_args())
-            per_subject.append(time.perf_counter() - t)
-            stages.append(timings)
-        medians[sampling, precision] = statistics.median(per_subject)
+            per_subject[setting].append(time.perf_counter() - t)
+            stages[setting].append(timings)
+    medians = {s: statistics.median(v) for s, v in per_subject.items()}
+    for setting in settings:
+        sampling, precision = setting
+        set_precision(precision)
         print(f"\ngeneration, {args.frames}-frame subject, {sampling.keyframes or args.frames} motion keyframes, "
               f"{sampling.describe()}, precision {precision} "
               f"({'bf16' if uses_bf16('cpu') else 'fp32'}) (median of {args.subjects}): "
-              f"{medians[sampling, precision]:.2f} s" + (" (the default)" if (sampling, precision) == default else ""))
+              f"{medians[setting]:.2f} s" + (" (the default)" if setting == default else ""))
         for k in ("static", "motion", "decode"):
-            print(f"  {k:<8}{statistics.median(s[k] for s in stages):8.2f} s")
+            print(f"  {k:<8}{statistics.median(s[k] for s in stages[setting]):8.2f} s")
+    print(f"\nrounds: {args.subjects}, each setting once per round, in the order above")
     for setting, seconds in medians.items():
         if setting != reference:
+            rounds = [a / b for a, b in zip(per_subject[setting], per_subject[reference])]
             print(f"{setting_name(*setting)} / {setting_name(*reference)}: {seconds / medians[reference]:.2f} of the time"
-                  + (" (the default)" if setting == default else ""))
+                  f" (round by round {min(rounds):.2f}-{max(rounds):.2f})" + (" (the default)" if setting == default else ""))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory of this process: {peak_mb:.0f} MB (before generating: {rss0 / 1024:.0f} MB)")
 

@@ -457,11 +457,12 @@ def test_the_motion_grid_end_goes_with_the_default_motion_sampling():
     from synth4d.jobs.synthesize import DEFAULT_MOTION, Sampling
     assert DEFAULT_MOTION[4] == 20 and Sampling().motion_final_t == 20
     assert Sampling().chain_args()["motion_final_t"] == 20
-    assert Sampling().describe() == ("static ddim 25 steps, guidance 2 on the first 12 steps; motion dpmpp_2m 8 steps "
+    assert Sampling().describe() == ("static ddim 25 steps, guidance 2 on the first 12 steps; motion unipc 8 steps "
                                      "to t = 20, guidance 2 on the first 2 steps")
     assert Sampling(motion_guided_fraction=0.5).motion_final_t == 20               # the default's steps and sampler
     # other motion steps or samplers, or any static option given: the trailing grid (None), unless given
-    for other in (Sampling(motion_steps=10), Sampling(motion_sampler="ddim"), Sampling("ddim", 25), Sampling(steps=8)):
+    for other in (Sampling(motion_steps=10), Sampling(motion_sampler="ddim"), Sampling(motion_sampler="dpmpp_2m"),
+                  Sampling("ddim", 25), Sampling(steps=8)):
         assert other.motion_final_t is None and other.chain_args()["motion_final_t"] is None
     assert Sampling("ddim", 25).shared() and not Sampling("ddim", 25, motion_final_t=20).shared()
     assert Sampling(motion_steps=10, motion_final_t=0).motion_final_t == 0

@@ -1,6 +1,7 @@
 """The measuring scripts in scripts/ (not part of the package): the parts whose mistakes would silently
 change a published figure."""
 import csv
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -52,15 +53,16 @@ def test_guided_fraction_options_sample_the_default(tmp_path, monkeypatch):
     table = load("sampler_table")
     seen = []
     monkeypatch.setattr(gen, "generate", lambda out, **kw: seen.append(kw) or [])
-    for opts in ([], table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20"),
-                 table.generate_options("ddim:25:12:0"), table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25")):
+    for opts in ([], table.generate_options("ddim/unipc:25/8:12:0:auto:0.5/0.25:20"),
+                 table.generate_options("ddim:25:12:0"), table.generate_options("ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20")):
         result = CliRunner().invoke(synth4d.cli, ["generate", str(tmp_path / "out"), *opts])
         assert result.exit_code == 0, result.output
     fields = ("sampler", "steps", "guidance", "keyframes", "motion_sampler", "motion_steps", "motion_guidance",
               "guided_fraction", "motion_guided_fraction", "motion_final_t")
-    default, written, ddim, trailing = (Sampling(**{k: kw[k] for k in fields}) for kw in seen)
-    assert default == written and default.chain_args()["guided_steps"] == 12
-    assert default.motion_final_t == 20 and trailing.motion_final_t is None   # the previous default: trailing grid
+    default, written, ddim, previous = (Sampling(**{k: kw[k] for k in fields}) for kw in seen)
+    assert default == written and default.chain_args()["guided_steps"] == 12 and default.motion_sampler == "unipc"
+    assert default.motion_final_t == 20 and previous != default   # the previous default: DPM-Solver++(2M), same grid
+    assert dataclasses.replace(previous, motion_sampler="unipc") == default
     assert ddim != default and ddim.chain_args()["motion_guided_steps"] == 25   # no fraction: every step guided
     assert ddim.motion_final_t is None
 
@@ -178,12 +180,15 @@ def test_paired_differences_against_numpy():
     for i in range(60):
         base = {f"requested {k}": float(rng.uniform(30, 200)) for k in table.MEASURES}
         measured = {f"measured {k}": base[f"requested {k}"] + float(rng.normal(0, 10)) for k in table.MEASURES}
-        change = float(rng.uniform(0.01, 0.02))
-        a[f"s{i}"] = {**base, **measured, "image change": change}
-        b[f"s{i}"] = {**base, **measured, "image change": change - 0.0005}             # less motion, all else equal
-        c[f"s{i}"] = {**base, **{k: v + float(rng.normal(0, 10)) for k, v in measured.items()}, "image change": change}
+        change, detail = float(rng.uniform(0.01, 0.02)), float(rng.uniform(0.001, 0.003))
+        a[f"s{i}"] = {**base, **measured, "image change": change, "hf energy": detail}
+        b[f"s{i}"] = {**base, **measured, "image change": change - 0.0005,             # less motion and detail,
+                      "hf energy": 0.9 * detail}                                      # all else equal
+        c[f"s{i}"] = {**base, **{k: v + float(rng.normal(0, 10)) for k, v in measured.items()}, "image change": change,
+                      "hf energy": detail}
     d = table.paired(a, b, boot=500)
     assert d["image change"][0] == pytest.approx(-0.0005) and d["image change"][2] < 0              # excludes 0
+    assert d["hf energy"][0] == pytest.approx(-0.1 * np.mean([a[i]["hf energy"] for i in a])) and d["hf energy"][2] < 0
     assert all(d[f"{k} r"] == (0.0, 0.0, 0.0) for k in table.MEASURES)
     e = table.paired(a, c, boot=500)
     ids = sorted(a)
@@ -193,14 +198,42 @@ def test_paired_differences_against_numpy():
     assert e["lvef mae"][1] < e["lvef mae"][0] < e["lvef mae"][2] and e["image change"] == (0.0, 0.0, 0.0)
 
 
+def test_heart_detail_is_the_realism_sharpness_per_subject():
+    """heart_detail(): the mean over labelled frames of the high-frequency energy in the heart's box, as `eval
+    --realism` scores a frame (a numpy high-pass here), and a blurred copy of a cycle has less of it."""
+    import types
+    import numpy as np
+    from scipy.ndimage import gaussian_filter
+    table = load("sampler_table")
+    rng = np.random.default_rng(0)
+    X, Z, T, n = 40, 6, 3, 4
+    image = rng.uniform(-1, 1, (X, X, Z, T)).astype(np.float32)
+    mask = np.zeros((X, X, Z, T), np.uint8)
+    mask[15:25, 12:22, :n] = 2                                   # a 10 x 10 heart in every slice with data
+    p = types.SimpleNamespace(image=image, full_mask=mask, masks={}, n_slices=n)
+    m = 4                                                        # the 10 mm margin at 2.5 mm
+    expected = []
+    for t in range(T):
+        x = image[:, :, :n, t].astype(np.float64)
+        smooth = np.stack([gaussian_filter(x[:, :, k], 1.0, mode="nearest", truncate=50) for k in range(n)], -1)
+        expected.append(((x - smooth)[15 - m: 25 + m, 12 - m: 22 + m] ** 2).mean())
+    assert table.heart_detail(p, 2.5) == pytest.approx(np.mean(expected), rel=0.05)
+    blurred = types.SimpleNamespace(image=gaussian_filter(image, (1, 1, 0, 0)), full_mask=mask, masks={}, n_slices=n)
+    assert table.heart_detail(blurred, 2.5) < 0.5 * table.heart_detail(p, 2.5)
+    ed_only = types.SimpleNamespace(image=image, full_mask=None, masks={1: mask[..., 1]}, n_slices=n)
+    assert table.heart_detail(ed_only, 2.5) == pytest.approx(expected[1], rel=0.05)
+
+
 def test_benchmark_settings_name_and_parse_back():
     """The benchmark's setting strings round-trip, the default's grid end included (so its rows time the default)."""
     from synth4d.jobs.synthesize import Sampling
     bench = load("benchmark")
-    assert bench.setting_name(Sampling(), "auto") == "ddim/dpmpp_2m:25/8:12:auto:2:0.5/0.25:20"
+    assert bench.setting_name(Sampling(), "auto") == "ddim/unipc:25/8:12:auto:2:0.5/0.25:20"
     for sampling, precision in ((Sampling(), "auto"), (Sampling("ddim", 25), "fp32"),
                                 (Sampling("ddim", 25, motion_sampler="dpmpp_2m", motion_steps=8), "bf16"),
                                 (Sampling("ddim", 25, motion_final_t=60), "auto")):
         name = bench.setting_name(sampling, precision)
         assert bench.parse_setting(name) == (sampling, precision), name
     assert bench.parse_setting("ddim/dpmpp_2m:25/8:12:auto:2:0.5/0.25")[0].motion_final_t is None   # trailing
+    previous = bench.parse_setting("ddim/dpmpp_2m:25/8:12:auto:2:0.5/0.25:20")[0]         # the previous default
+    assert (previous.motion_sampler, previous.motion_final_t) == ("dpmpp_2m", 20)
