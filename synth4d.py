@@ -300,7 +300,7 @@ def _prior_options(f):
               help="Sampler of both models: ddim, DDIM (Song et al. 2021); dpmpp_2m, DPM-Solver++(2M) (Lu et al. 2022); "
                    "unipc, UniPC-2 (Zhao et al. 2023). Without --sampler, --steps or --guidance: DDIM 25 steps for the "
                    "static model and UniPC 8 steps for the motion model (its grid ending at t = 20), guidance 2 on the "
-                   "noisiest 12 and 2 of those steps: 0.39 of the time of --sampler ddim --steps 25, with every figure "
+                   "noisiest 12 and 2 of those steps: 0.39-0.42 of the time of --sampler ddim --steps 25, with every figure "
                    "within the run-to-run noise of it or better, subject by subject on two seeds (every setting "
                    "measured: the model card, weights/README.md).")
 @click.option("--steps", type=click.IntRange(min=1, max=1000), default=None,

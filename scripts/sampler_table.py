@@ -33,7 +33,9 @@ SETTINGS = ("ddim:25:12:0", "ddim:25:12:1", "dpmpp_2m:15:12:0", "dpmpp_2m:10:12:
             "ddim/dpmpp_2m:25/8:8:0", "ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25",
             "ddim/dpmpp_2m:25/8:12:1:auto:0.5/0.25", "ddim/dpmpp_2m:25/8:12:0:auto:0.5/0.25:20",
             "ddim/dpmpp_2m:25/8:12:1:auto:0.5/0.25:20", "ddim/unipc:25/8:12:0:auto:0.5/0.25:20",
-            "ddim/unipc:25/8:12:1:auto:0.5/0.25:20")   # the model card's rows (weights/README.md, "Samplers and steps")
+            "ddim/unipc:25/8:12:1:auto:0.5/0.25:20", "ddim/unipc:25/20:12:0:auto:0.5/0.25:20",
+            "ddim/unipc:25/15:12:0:auto:0.5/0.2:20", "ddim/unipc:25/10:12:0:auto:0.5/0.2:20",
+            "ddim/unipc:25/6:12:0:auto:0.5/0.17:20")   # the model card's rows (weights/README.md, "Samplers and steps")
 MEASURES = ("lvedv", "rvedv", "lv_mass", "lvef", "rvef")
 STRUCTURES = ("RV", "MYO", "LV")
 
